@@ -117,3 +117,29 @@ class BartConfig:
         d["num_hidden_layers"] = self.encoder_layers
         d["tie_word_embeddings"] = True
         return d
+
+
+@dataclasses.dataclass(frozen=True)
+class RagConfig:
+    """The RAG-specific settings of a transformers ``RagConfig`` (the nested question encoder and
+    generator configs live with their models)."""
+
+    n_docs: int = 5
+    max_combined_length: int = 300
+    title_sep: str = " / "
+    doc_sep: str = " // "
+    prefix: str | None = None
+    label_smoothing: float = 0.0
+    exclude_bos_score: bool = False
+    reduce_loss: bool = False
+    do_deduplication: bool = True
+    retrieval_vector_size: int = 768
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "RagConfig":
+        d = _as_dict(hf_config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: d[k] for k in names if k in d})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,157 @@
+"""SPMD layout: the device mesh, one logical-axis rule table, and the shardings it gives.
+
+The mesh has three axes: ``data`` (pure data parallelism: parameters replicated), ``fsdp`` (data
+parallel over the batch too, but parameters and optimizer state sharded: ZeRO-3 style) and
+``model`` (tensor parallelism; size 1 by default, room to grow). Every parameter gets logical
+axis names from its path (``PARAM_LOGICAL_AXES``); ``LOGICAL_AXIS_RULES`` maps logical names to
+mesh axes. A mesh axis that does not divide a dimension is dropped for that dimension (the tiny
+test models have dimensions like 37), so any model runs on any mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "model")
+
+# logical axis -> mesh axes (None: replicated). The single source of truth for the layout.
+LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "docs": None,
+    "length": None,
+    "layers": None,
+    "vocab": "model",
+    "embed": "fsdp",
+    "heads": "model",
+    "mlp": "model",
+    "norm": None,
+}
+
+# Parameter path pattern -> logical axes of its dimensions, first match wins. Paths are the
+# "/"-joined pytree keys, e.g. "generator/encoder/layers/0/self_attn/q_proj/kernel" or
+# "query_encoder/layers/attention/query/kernel" (stacked BERT layers have a leading "layers" dim).
+PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"(word_embeddings|shared|embed_tokens)/(embedding|kernel|value)?", ("vocab", "embed")),
+    (r"(position|token_type)_embeddings|embed_positions", ("norm", "embed")),
+    (r"(query|key|value|q_proj|k_proj|v_proj)/kernel", ("embed", "heads")),
+    (r"(attention_output|out_proj)/kernel", ("heads", "embed")),
+    (r"(intermediate|fc1)/kernel", ("embed", "mlp")),
+    (r"(output|fc2)/kernel", ("mlp", "embed")),
+    (r"projection/kernel", ("embed", "norm")),
+    (r"(query|key|value|q_proj|k_proj|v_proj)/bias", ("heads",)),
+    (r"(intermediate|fc1)/bias", ("mlp",)),
+    (r"final_logits_bias", ("norm", "vocab")),
+    (r".*", ()),  # everything else (norm scales/biases, output biases): replicated
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape; -1 on one axis means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    model: int = 1
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+
+
+def maybe_initialize_distributed() -> None:
+    """Start multi-host JAX when launched that way (coordinator address in the environment, or a
+    cluster jax recognises: SLURM, TPU pods); a no-op for single-process runs."""
+    if jax.process_count() > 1 or jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = [cfg.data, cfg.fsdp, cfg.model]
+    if shape.count(-1) > 1:
+        raise ValueError(f"MeshConfig: at most one axis may be -1, got {cfg}")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"MeshConfig {cfg}: {len(devices)} devices are not divisible by {known}")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"MeshConfig {cfg} needs {int(np.prod(shape))} devices, {len(devices)} available")
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_axes_of(path: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes for a parameter; a stacked-layers leading dim is named "layers"."""
+    for pattern, axes in PARAM_LOGICAL_AXES:
+        if re.search(pattern, path):
+            break
+    axes = tuple(axes)[-ndim:] if ndim else ()
+    axes = (None,) * (ndim - len(axes)) + axes
+    if ndim and re.search(r"(^|/)layers(/|$)", path) and len(axes) > 0 and ndim > len([a for a in axes if a]):
+        # the leading dim of stacked (scanned) layers
+        if axes[0] is None and ndim >= 2:
+            axes = ("layers",) + axes[1:]
+    return axes
+
+
+def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec from logical axes, dropping mesh axes that do not divide the dim or that an
+    earlier dim already uses."""
+    used: set[str] = set()
+    entries = []
+    for name, dim in zip(logical, shape):
+        rule = LOGICAL_AXIS_RULES.get(name) if name else None
+        axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
+        kept = []
+        size = 1
+        for axis in axes:
+            n = mesh.shape[axis]
+            if axis in used or n == 1 or dim % (size * n):
+                continue
+            kept.append(axis)
+            size *= n
+        used.update(kept)
+        entries.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*entries)
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+    """NamedSharding for every leaf of a parameter (or optimizer-state) pytree."""
+
+    def one(path, leaf):
+        shape = np.shape(leaf)
+        return NamedSharding(mesh, spec_for(logical_axes_of(_path_str(path), len(shape)), shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dim over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Place a host batch on the mesh. Multi-host: each process passes its own slice of the
+    global batch (rows process_index * n ... ), assembled into one global array."""
+
+    def place(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(place, batch)
