@@ -1,0 +1,230 @@
+"""A BERT encoder in pure JAX: a parameter pytree and a forward function, no flax.
+
+Matches transformers' ``BertModel`` (post-LN, absolute positions, bidirectional attention) to float
+rounding. Parameters are nested dicts of arrays; the transformer layers are stacked along a leading
+layer axis and run with ``jax.lax.scan``, so compile time does not grow with depth and
+``remat=True`` checkpoints one layer at a time::
+
+    embeddings:  word [V, D], position [P, D], token_type [T, D], norm {scale, bias} [D]
+    layers:      query, key, value, attn_out {kernel [L, D, D], bias [L, D]}
+                 mlp_in {kernel [L, D, F], bias [L, F]}, mlp_out {kernel [L, F, D], bias [L, D]}
+                 attn_norm, mlp_norm {scale [L, D], bias [L, D]}
+    pooler:      {kernel [D, D], bias [D]}   only when the checkpoint has one (BertModel's tanh
+                 pooler); kept so exports round-trip, never used for pooling
+    projection:  {kernel [D, P], bias [P]}   DPR's ``encode_proj``, only when projection_dim > 0
+
+Kernels are stored [in, out] (transposed from torch's Linear). LayerNorm and softmax always run in
+float32; ``compute_dtype`` sets the dtype of the matmuls and of the hidden states between them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from rag_jax.config import BertConfig
+
+Params = dict[str, Any]
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3)))
+
+
+# transformers' ACT2FN names -> the same functions in JAX.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_10": lambda x: jnp.clip(jax.nn.gelu(x, approximate=False), -10.0, 10.0),
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "relu6": jax.nn.relu6,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, negative_slope=0.01),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"hidden_act={name!r} is not supported; supported: {sorted(ACTIVATIONS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def _dense_init(key, n_in: int, n_out: int, dtype, layers: int | None = None) -> Params:
+    lead = () if layers is None else (layers,)
+    return {
+        "kernel": 0.02 * jax.random.normal(key, lead + (n_in, n_out), dtype),
+        "bias": jnp.zeros(lead + (n_out,), dtype),
+    }
+
+
+def _norm_init(d: int, dtype, layers: int | None = None) -> Params:
+    lead = () if layers is None else (layers,)
+    return {"scale": jnp.ones(lead + (d,), dtype), "bias": jnp.zeros(lead + (d,), dtype)}
+
+
+def init_params(cfg: BertConfig, key: jax.Array, dtype=jnp.float32, *, pooler: bool = False) -> Params:
+    """Random parameters initialised like transformers (normal(0.02), zero biases, LN ones/zeros,
+    zero padding embedding). ``pooler=True`` adds BertModel's (unused) tanh pooler."""
+    d, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    if d % cfg.num_attention_heads:
+        raise ValueError(f"hidden_size {d} is not a multiple of num_attention_heads {cfg.num_attention_heads}")
+    keys = iter(jax.random.split(key, 12))
+    word = 0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d), dtype)
+    if 0 <= cfg.pad_token_id < cfg.vocab_size:
+        word = word.at[cfg.pad_token_id].set(0)
+    params: Params = {
+        "embeddings": {
+            "word": word,
+            "position": 0.02 * jax.random.normal(next(keys), (cfg.max_position_embeddings, d), dtype),
+            "token_type": 0.02 * jax.random.normal(next(keys), (cfg.type_vocab_size, d), dtype),
+            "norm": _norm_init(d, dtype),
+        },
+        "layers": {
+            "query": _dense_init(next(keys), d, d, dtype, n),
+            "key": _dense_init(next(keys), d, d, dtype, n),
+            "value": _dense_init(next(keys), d, d, dtype, n),
+            "attn_out": _dense_init(next(keys), d, d, dtype, n),
+            "attn_norm": _norm_init(d, dtype, n),
+            "mlp_in": _dense_init(next(keys), d, f, dtype, n),
+            "mlp_out": _dense_init(next(keys), f, d, dtype, n),
+            "mlp_norm": _norm_init(d, dtype, n),
+        },
+    }
+    if pooler:
+        params["pooler"] = _dense_init(next(keys), d, d, dtype)
+    if cfg.projection_dim > 0:
+        params["projection"] = _dense_init(next(keys), d, cfg.projection_dim, dtype)
+    return params
+
+
+def count_params(params: Params) -> int:
+    """Number of scalars in a parameter pytree (also works on ``jax.eval_shape`` output)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+
+
+def _lead(v: jax.Array, ndim: int) -> jax.Array:
+    """``v`` with leading unit axes up to ``ndim`` (explicit, as rank promotion may be off)."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
+def dense(x: jax.Array, p: Params, dtype) -> jax.Array:
+    """``x @ kernel + bias`` in ``dtype``."""
+    return x @ p["kernel"].astype(dtype) + _lead(p["bias"].astype(dtype), x.ndim)
+
+
+def layer_norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, computed in float32 (returns float32)."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    scale, bias = (_lead(p[name].astype(jnp.float32), x.ndim) for name in ("scale", "bias"))
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _attention(x_BxSxD, p: Params, mask_Bx1x1xS, cfg: BertConfig, dtype, key) -> jax.Array:
+    b, s, _ = x_BxSxD.shape
+    h, dh = cfg.num_attention_heads, cfg.head_dim
+    q_BxSxHxK = dense(x_BxSxD, p["query"], dtype).reshape(b, s, h, dh)
+    k_BxSxHxK = dense(x_BxSxD, p["key"], dtype).reshape(b, s, h, dh)
+    v_BxSxHxK = dense(x_BxSxD, p["value"], dtype).reshape(b, s, h, dh)
+    scores_BxHxSxS = jnp.einsum("bqhk,bshk->bhqs", q_BxSxHxK, k_BxSxHxK, preferred_element_type=jnp.float32)
+    scores_BxHxSxS = scores_BxHxSxS * (dh**-0.5) + mask_Bx1x1xS
+    probs_BxHxSxS = _dropout(jax.nn.softmax(scores_BxHxSxS, axis=-1), cfg.attention_probs_dropout_prob, key)
+    ctx_BxSxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxSxS.astype(dtype), v_BxSxHxK)
+    return ctx_BxSxHxK.reshape(b, s, h * dh)
+
+
+def _layer(x_BxSxD, p: Params, key, mask_Bx1x1xS, cfg: BertConfig, dtype) -> jax.Array:
+    """One post-LN transformer layer (BertLayer)."""
+    k_attn, k_attn_out, k_mlp_out = (None, None, None) if key is None else jax.random.split(key, 3)
+    ctx_BxSxD = _attention(x_BxSxD, p, mask_Bx1x1xS, cfg, dtype, k_attn)
+    attn_BxSxD = _dropout(dense(ctx_BxSxD, p["attn_out"], dtype), cfg.hidden_dropout_prob, k_attn_out)
+    x_BxSxD = layer_norm(attn_BxSxD.astype(jnp.float32) + x_BxSxD, p["attn_norm"], cfg.layer_norm_eps).astype(dtype)
+    mid_BxSxF = activation(cfg.hidden_act)(dense(x_BxSxD, p["mlp_in"], dtype))
+    out_BxSxD = _dropout(dense(mid_BxSxF, p["mlp_out"], dtype), cfg.hidden_dropout_prob, k_mlp_out)
+    return layer_norm(out_BxSxD.astype(jnp.float32) + x_BxSxD, p["mlp_norm"], cfg.layer_norm_eps).astype(dtype)
+
+
+def embed(params: Params, input_ids_BxS, token_type_ids_BxS, *, cfg: BertConfig, dtype, key=None) -> jax.Array:
+    """Word + token-type + position embeddings, LayerNorm, dropout (BertEmbeddings)."""
+    s = input_ids_BxS.shape[1]
+    if s > cfg.max_position_embeddings:
+        raise ValueError(f"sequence length {s} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    e = params["embeddings"]
+    x_BxSxD = jnp.take(e["word"], input_ids_BxS, axis=0).astype(jnp.float32)
+    x_BxSxD = x_BxSxD + jnp.take(e["token_type"], token_type_ids_BxS, axis=0).astype(jnp.float32)
+    x_BxSxD = x_BxSxD + e["position"][None, :s].astype(jnp.float32)
+    x_BxSxD = layer_norm(x_BxSxD, e["norm"], cfg.layer_norm_eps).astype(dtype)
+    return _dropout(x_BxSxD, cfg.hidden_dropout_prob, key)
+
+
+def encode(
+    params: Params,
+    input_ids_BxS: jax.Array,
+    attention_mask_BxS: jax.Array,
+    token_type_ids_BxS: jax.Array | None = None,
+    *,
+    cfg: BertConfig,
+    dropout_key: jax.Array | None = None,
+    compute_dtype=None,
+    remat: bool = False,
+) -> jax.Array:
+    """Last-layer hidden states [B, S, D] of BertModel.
+
+    ``attention_mask_BxS`` is 1 for tokens and 0 for padding. Dropout (hidden and attention
+    probabilities) is applied only when ``dropout_key`` is given. ``compute_dtype`` (default: the
+    word embeddings' dtype) is the dtype of the matmuls and of the returned hidden states.
+    """
+    dtype = jnp.dtype(compute_dtype or params["embeddings"]["word"].dtype)
+    if token_type_ids_BxS is None:
+        token_type_ids_BxS = jnp.zeros_like(input_ids_BxS)
+    emb_key, layer_keys = None, None
+    if dropout_key is not None:
+        emb_key, layers_key = jax.random.split(dropout_key)
+        layer_keys = jax.random.split(layers_key, cfg.num_hidden_layers)
+
+    x_BxSxD = embed(params, input_ids_BxS, token_type_ids_BxS, cfg=cfg, dtype=dtype, key=emb_key)
+    # Additive mask like transformers: 0 for tokens, the most negative float32 for padding.
+    mask_Bx1x1xS = jnp.where(attention_mask_BxS[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+
+    def body(x_BxSxD, layer):
+        p, key = layer
+        return _layer(x_BxSxD, p, key, mask_Bx1x1xS, cfg, dtype), None
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    x_BxSxD, _ = jax.lax.scan(body, x_BxSxD, (params["layers"], layer_keys))
+    return x_BxSxD
