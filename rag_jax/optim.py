@@ -11,9 +11,11 @@ from typing import Any, Callable
 import jax
 import optax
 
+from rag_jax.sharding import path_str
+
 # Parameter-name fragments that never get weight decay (biases and normalisation parameters), the
 # usual `no_decay = ["bias", "LayerNorm.weight"]` of transformers' fine-tuning scripts.
-NO_DECAY_FRAGMENTS = ("bias", "norm", "ln", "scale")
+NO_DECAY_FRAGMENTS = ("bias", "norm", "scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +50,11 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
-def _path_names(path) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path).lower()
-
-
 def weight_decay_mask(params: Any) -> Any:
     """True for parameters that get weight decay: everything but biases and norm parameters."""
 
     def decays(path, _):
-        names = _path_names(path).split("/")
+        names = path_str(path).lower().split("/")
         return not any(frag in name for name in names[-2:] for frag in NO_DECAY_FRAGMENTS)
 
     return jax.tree_util.tree_map_with_path(decays, params)

@@ -34,21 +34,20 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
 }
 
-# Parameter path pattern -> logical axes of its dimensions, first match wins. Paths are the
-# "/"-joined pytree keys, e.g. "generator/encoder/layers/0/self_attn/q_proj/kernel" or
-# "query_encoder/layers/attention/query/kernel" (stacked BERT layers have a leading "layers" dim).
+# Parameter path (the "/"-joined pytree keys) -> logical axes of its dimensions, first match wins;
+# anything unmatched (norm scales and biases, output biases) is replicated. Examples:
+# "generator/encoder/layers/0/self_attn/q_proj/kernel", "query_encoder/layers/query/kernel" (stacked
+# BERT layers: one more leading dim, named "layers").
 PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"(word_embeddings|shared|embed_tokens)/(embedding|kernel|value)?", ("vocab", "embed")),
-    (r"(position|token_type)_embeddings|embed_positions", ("norm", "embed")),
-    (r"(query|key|value|q_proj|k_proj|v_proj)/kernel", ("embed", "heads")),
-    (r"(attention_output|out_proj)/kernel", ("heads", "embed")),
-    (r"(intermediate|fc1)/kernel", ("embed", "mlp")),
-    (r"(output|fc2)/kernel", ("mlp", "embed")),
-    (r"projection/kernel", ("embed", "norm")),
-    (r"(query|key|value|q_proj|k_proj|v_proj)/bias", ("heads",)),
-    (r"(intermediate|fc1)/bias", ("mlp",)),
-    (r"final_logits_bias", ("norm", "vocab")),
-    (r".*", ()),  # everything else (norm scales/biases, output biases): replicated
+    (r"embeddings/word$|shared/embedding$", ("vocab", "embed")),
+    (r"embeddings/(position|token_type)$|embed_positions/embedding$", ("norm", "embed")),
+    (r"(query|key|value|q_proj|k_proj|v_proj)/kernel$", ("embed", "heads")),
+    (r"(query|key|value|q_proj|k_proj|v_proj)/bias$", ("heads",)),
+    (r"(attn_out|out_proj)/kernel$", ("heads", "embed")),
+    (r"(mlp_in|fc1)/kernel$", ("embed", "mlp")),
+    (r"(mlp_in|fc1)/bias$", ("mlp",)),
+    (r"(mlp_out|fc2)/kernel$", ("mlp", "embed")),
+    (r"(projection|pooler)/kernel$", ("embed", "norm")),
 )
 
 
@@ -61,7 +60,7 @@ class MeshConfig:
     model: int = 1
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
     return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
 
 
@@ -94,17 +93,13 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | No
 
 
 def logical_axes_of(path: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes for a parameter; a stacked-layers leading dim is named "layers"."""
-    for pattern, axes in PARAM_LOGICAL_AXES:
-        if re.search(pattern, path):
-            break
-    axes = tuple(axes)[-ndim:] if ndim else ()
-    axes = (None,) * (ndim - len(axes)) + axes
-    if ndim and re.search(r"(^|/)layers(/|$)", path) and len(axes) > 0 and ndim > len([a for a in axes if a]):
-        # the leading dim of stacked (scanned) layers
-        if axes[0] is None and ndim >= 2:
-            axes = ("layers",) + axes[1:]
-    return axes
+    """Logical axes of a parameter (or of its optimizer moments, whose paths end the same way).
+    A leading extra dim (stacked, scanned layers) is named "layers"."""
+    path = re.sub(r"/(value|raw_value)$", "", path)
+    axes = next((axes for pattern, axes in PARAM_LOGICAL_AXES if re.search(pattern, path)), ())
+    if ndim == len(axes) + 1:
+        return ("layers",) + axes
+    return axes if ndim == len(axes) else (None,) * ndim
 
 
 def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
@@ -133,7 +128,7 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
 
     def one(path, leaf):
         shape = np.shape(leaf)
-        return NamedSharding(mesh, spec_for(logical_axes_of(_path_str(path), len(shape)), shape, mesh))
+        return NamedSharding(mesh, spec_for(logical_axes_of(path_str(path), len(shape)), shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, params)
 

@@ -1,0 +1,475 @@
+"""BART for conditional generation in flax.nnx, equal to transformers' ``BartForConditionalGeneration``.
+
+The module tree mirrors the transformers one (``shared``, ``encoder.layers[i].self_attn.q_proj``, ...)
+so that the checkpoint conversion in ``rag_jax.convert.bart`` is a renaming rule. ``cfg.normalize_before``
+selects the mBART layout: pre-LN layers and a final ``layer_norm`` after each stack.
+
+Mixed precision: parameters are kept in ``param_dtype``; with ``dtype=jnp.bfloat16`` the matmuls run in
+bfloat16 while the residual stream, the layer norms, the attention softmax and the logits stay float32.
+
+Incremental decoding uses an explicit, functional ``DecodeCache`` (see ``Bart.init_cache``): ``decode``
+takes a cache and returns the updated one, so it works under ``jax.jit`` and ``jax.lax.while_loop``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rag_jax.config import BartConfig
+
+POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding: position p is row p + 2
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used by every BART layer norm
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+"""transformers' ``ACT2FN`` names -> the same function in JAX."""
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable array stored with the weights (a registered buffer in torch).
+
+    It is not an ``nnx.Param``, so optimizers built on ``nnx.Param`` leave it alone.
+    """
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One decoder layer's attention keys and values, heads split: ``[B, H, L, Dh]``.
+
+    ``self_*`` hold ``max_length`` slots of which the first ``index`` are written; ``cross_*`` are the
+    encoder output projected once by the layer's cross-attention.
+    """
+
+    self_k_BxHxMxK: jax.Array
+    self_v_BxHxMxK: jax.Array
+    cross_k_BxHxSxK: jax.Array
+    cross_v_BxHxSxK: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeCache:
+    """The decoder state between incremental ``Bart.decode`` calls.
+
+    Every leaf has the batch as its leading axis, so beams are reordered (or rows repeated) with
+    ``jax.tree.map(lambda x: x[beam_idx], cache)``. ``index_B`` is the number of tokens already decoded,
+    one int32 per row; all rows advance together, and ``index + T`` must stay ``<= max_length``.
+    """
+
+    layers: tuple[LayerCache, ...]
+    encoder_mask_BxS: jax.Array  # the encoder attention mask used by the cross-attention
+    index_B: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.layers[0].self_k_BxHxMxK.shape[2]
+
+
+def _dropout_keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """``n`` independent dropout keys from ``key``; ``None`` everywhere when dropout is off."""
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+def _dropout(dropout: nnx.Dropout, x: jax.Array, key: jax.Array | None) -> jax.Array:
+    """``dropout(x)`` with ``key``; the identity when ``key`` is None (deterministic)."""
+    return dropout(x, deterministic=key is None, rngs=key)
+
+
+def _draw_key(deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array | None:
+    if deterministic:
+        return None
+    if rngs is None:
+        raise ValueError("deterministic=False needs rngs with a 'dropout' stream, e.g. nnx.Rngs(dropout=0)")
+    return rngs.dropout()
+
+
+def _token_embedding_init(std: float, pad_token_id: int):
+    """Normal(std) rows with the padding row zeroed, as torch initialises an ``Embedding(padding_idx=)``."""
+
+    def init(key, shape, dtype):
+        return nnx.initializers.normal(std)(key, shape, dtype).at[pad_token_id].set(0)
+
+    return init
+
+
+def _linear(in_features: int, out_features: int, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    """A linear layer initialised as transformers initialises BART's: normal(init_std) weights, zero bias."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(cfg.init_std),
+        rngs=rngs,
+    )
+
+
+def _layer_norm(d_model: int, *, rngs: nnx.Rngs, param_dtype) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        d_model, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head attention (``BartAttention``): q/k/v/out projections, queries scaled by ``Dh**-0.5``."""
+
+    def __init__(self, cfg: BartConfig, num_heads: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d = cfg.d_model
+        if d % num_heads:
+            raise ValueError(f"d_model={d} is not divisible by the number of heads {num_heads}")
+        linear = functools.partial(_linear, d, d, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = linear(), linear(), linear(), linear()
+        self.num_heads = num_heads
+        self.head_dim = d // num_heads
+        self.dropout = nnx.Dropout(cfg.attention_dropout)
+
+    def _split_heads(self, x_BxLxD: jax.Array) -> jax.Array:
+        b, length, _ = x_BxLxD.shape
+        return x_BxLxD.reshape(b, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def project_kv(self, x_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of ``x``, heads split: two ``[B, H, S, Dh]``."""
+        return self._split_heads(self.k_proj(x_BxSxD)), self._split_heads(self.v_proj(x_BxSxD))
+
+    def __call__(self, x_BxTxD, k_BxHxSxK, v_BxHxSxK, mask_Bx1xTxS, *, key: jax.Array | None) -> jax.Array:
+        """Attend from ``x`` to the given keys/values where ``mask`` is True; ``key`` drives the dropout."""
+        q_BxHxTxK = self._split_heads(self.q_proj(x_BxTxD))
+        q_BxHxTxK = (q_BxHxTxK * jnp.asarray(self.head_dim**-0.5, q_BxHxTxK.dtype)).astype(k_BxHxSxK.dtype)
+        scores_BxHxTxS = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxSxK, preferred_element_type=jnp.float32)
+        scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS, _MASKED)
+        probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+        probs_BxHxTxS = _dropout(self.dropout, probs_BxHxTxS, key)
+        out_BxTxHxK = jnp.einsum("bhts,bhsk->bthk", probs_BxHxTxS.astype(v_BxHxSxK.dtype), v_BxHxSxK)
+        b, t = x_BxTxD.shape[:2]
+        return self.out_proj(out_BxTxHxK.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class _Layer(nnx.Module):
+    """What encoder and decoder layers share: the feed-forward block and the residual wiring.
+
+    A sub-block reads ``_block_input(norm, h)`` and its output is merged by ``_block_output``: BART
+    (post-LN) computes ``norm(h + drop(block(h)))``, mBART (pre-LN) ``h + drop(block(norm(h)))``.
+    """
+
+    def __init__(self, cfg: BartConfig, ffn_dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.fc1 = _linear(cfg.d_model, ffn_dim, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc2 = _linear(ffn_dim, cfg.d_model, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.final_layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
+        self.activation = cfg.activation_function
+        self.normalize_before = cfg.normalize_before
+        self.dropout = nnx.Dropout(cfg.dropout)
+        self.activation_dropout = nnx.Dropout(cfg.activation_dropout)
+
+    def _block_input(self, norm: nnx.LayerNorm, h_BxTxD) -> jax.Array:
+        return norm(h_BxTxD) if self.normalize_before else h_BxTxD
+
+    def _block_output(self, norm: nnx.LayerNorm, h_BxTxD, out_BxTxD, key) -> jax.Array:
+        h_BxTxD = h_BxTxD + _dropout(self.dropout, out_BxTxD, key)
+        return h_BxTxD if self.normalize_before else norm(h_BxTxD)
+
+    def _feed_forward(self, h_BxTxD, keys) -> jax.Array:
+        x_BxTxD = self._block_input(self.final_layer_norm, h_BxTxD)
+        a_BxTxF = ACTIVATIONS[self.activation](self.fc1(x_BxTxD))
+        out_BxTxD = self.fc2(_dropout(self.activation_dropout, a_BxTxF, keys[0]))
+        return self._block_output(self.final_layer_norm, h_BxTxD, out_BxTxD, keys[1])
+
+
+class EncoderLayer(_Layer):
+    """``BartEncoderLayer``: self-attention then feed-forward."""
+
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        super().__init__(cfg, cfg.encoder_ffn_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, cfg.encoder_attention_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.self_attn_layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
+
+    def __call__(self, h_BxSxD, mask_Bx1x1xS, key) -> jax.Array:
+        keys = _dropout_keys(key, 4)
+        x_BxSxD = self._block_input(self.self_attn_layer_norm, h_BxSxD)
+        out_BxSxD = self.self_attn(x_BxSxD, *self.self_attn.project_kv(x_BxSxD), mask_Bx1x1xS, key=keys[0])
+        h_BxSxD = self._block_output(self.self_attn_layer_norm, h_BxSxD, out_BxSxD, keys[1])
+        return self._feed_forward(h_BxSxD, keys[2:])
+
+
+class DecoderLayer(_Layer):
+    """``BartDecoderLayer``: causal self-attention, cross-attention to the encoder, feed-forward."""
+
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        super().__init__(cfg, cfg.decoder_ffn_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        heads = cfg.decoder_attention_heads
+        self.self_attn = Attention(cfg, heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.self_attn_layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
+        self.encoder_attn = Attention(cfg, heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.encoder_attn_layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
+
+    def __call__(self, h_BxTxD, self_mask_Bx1xTxL, cross_kv, cross_mask_Bx1x1xS, self_kv, index_B, key):
+        """One layer. With ``self_kv`` (the cached ``[B, H, M, Dh]`` keys/values), this step's keys/values
+        are written at ``index_B`` and attention runs over the cache; without, over ``h`` itself.
+
+        Returns the new hidden states and the self-attention keys/values attended to.
+        """
+        keys = _dropout_keys(key, 6)
+        x_BxTxD = self._block_input(self.self_attn_layer_norm, h_BxTxD)
+        k_BxHxLxK, v_BxHxLxK = self.self_attn.project_kv(x_BxTxD)
+        if self_kv is not None:
+            k_BxHxLxK, v_BxHxLxK = _write_at(self_kv[0], k_BxHxLxK, index_B), _write_at(self_kv[1], v_BxHxLxK, index_B)
+        out_BxTxD = self.self_attn(x_BxTxD, k_BxHxLxK, v_BxHxLxK, self_mask_Bx1xTxL, key=keys[0])
+        h_BxTxD = self._block_output(self.self_attn_layer_norm, h_BxTxD, out_BxTxD, keys[1])
+
+        x_BxTxD = self._block_input(self.encoder_attn_layer_norm, h_BxTxD)
+        out_BxTxD = self.encoder_attn(x_BxTxD, *cross_kv, cross_mask_Bx1x1xS, key=keys[2])
+        h_BxTxD = self._block_output(self.encoder_attn_layer_norm, h_BxTxD, out_BxTxD, keys[3])
+        return self._feed_forward(h_BxTxD, keys[4:]), (k_BxHxLxK, v_BxHxLxK)
+
+
+def _write_at(buf_BxHxMxK: jax.Array, new_BxHxTxK: jax.Array, index_B: jax.Array) -> jax.Array:
+    """Write each row's new keys/values into its cache slots ``[index, index + T)``."""
+
+    def write_row(buf_HxMxK, new_HxTxK, index):
+        return jax.lax.dynamic_update_slice(buf_HxMxK, new_HxTxK.astype(buf_HxMxK.dtype), (0, index, 0))
+
+    return jax.vmap(write_row)(buf_BxHxMxK, new_BxHxTxK, index_B)
+
+
+def _call_layer(layer, *args):
+    return layer(*args)
+
+
+class _Stack(nnx.Module):
+    """The parts of an encoder or decoder stack around its layers (positions, embedding norm, final norm)."""
+
+    def __init__(self, cfg: BartConfig, layers: list[nnx.Module], *, rngs: nnx.Rngs, param_dtype, remat: bool):
+        self.embed_positions = nnx.Embed(
+            cfg.max_position_embeddings + POSITION_OFFSET,
+            cfg.d_model,
+            param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(cfg.init_std),
+            rngs=rngs,
+        )
+        self.layernorm_embedding = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
+        self.layers = nnx.List(layers)
+        self.layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype) if cfg.normalize_before else None
+        self.dropout = nnx.Dropout(cfg.dropout)
+        self.remat = remat
+
+    def _embed(self, tokens_BxLxD, positions_BxL, key) -> jax.Array:
+        h_BxLxD = tokens_BxLxD + self.embed_positions(positions_BxL + POSITION_OFFSET)
+        return _dropout(self.dropout, self.layernorm_embedding(h_BxLxD), key)
+
+    def _final(self, h_BxLxD) -> jax.Array:
+        return h_BxLxD if self.layer_norm is None else self.layer_norm(h_BxLxD)
+
+    def _layer_fn(self):
+        """How each layer is called: directly, or rematerialised in the backward pass."""
+        return nnx.remat(_call_layer) if self.remat else _call_layer
+
+
+class Encoder(_Stack):
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: bool):
+        layers = [EncoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(cfg.encoder_layers)]
+        super().__init__(cfg, layers, rngs=rngs, param_dtype=param_dtype, remat=remat)
+
+    def __call__(self, tokens_BxSxD, attention_mask_BxS, key) -> jax.Array:
+        keys = _dropout_keys(key, len(self.layers) + 1)
+        b, s = attention_mask_BxS.shape
+        h_BxSxD = self._embed(tokens_BxSxD, jnp.broadcast_to(jnp.arange(s), (b, s)), keys[0])
+        mask_Bx1x1xS = attention_mask_BxS.astype(bool)[:, None, None, :]
+        call = self._layer_fn()
+        for layer, layer_key in zip(self.layers, keys[1:]):
+            h_BxSxD = call(layer, h_BxSxD, mask_Bx1x1xS, layer_key)
+        return self._final(h_BxSxD)
+
+
+class Decoder(_Stack):
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: bool):
+        layers = [DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(cfg.decoder_layers)]
+        super().__init__(cfg, layers, rngs=rngs, param_dtype=param_dtype, remat=remat)
+
+    def __call__(self, tokens_BxTxD, index_B, self_mask_Bx1xTxL, cross_mask_Bx1x1xS, layer_kvs, key):
+        """``layer_kvs[i]`` is ``(cross_kv, self_kv or None)`` for layer i; returns hidden states and the
+        self-attention keys/values of every layer."""
+        keys = _dropout_keys(key, len(self.layers) + 1)
+        t = tokens_BxTxD.shape[1]
+        h_BxTxD = self._embed(tokens_BxTxD, index_B[:, None] + jnp.arange(t)[None, :], keys[0])
+        call = self._layer_fn()
+        self_kvs = []
+        for layer, (cross_kv, self_kv), layer_key in zip(self.layers, layer_kvs, keys[1:]):
+            h_BxTxD, kv = call(
+                layer, h_BxTxD, self_mask_Bx1xTxL, cross_kv, cross_mask_Bx1x1xS, self_kv, index_B, layer_key
+            )
+            self_kvs.append(kv)
+        return self._final(h_BxTxD), self_kvs
+
+
+def _self_attention_mask(index_B, t: int, length: int, decoder_attention_mask) -> jax.Array:
+    """``[B, 1, T, L]``: query t (absolute position index + t) sees key slot j iff j <= index + t and the
+    decoder mask keeps j. A mask shorter than L counts the missing slots as padding."""
+    query_pos_BxT = index_B[:, None] + jnp.arange(t)[None, :]
+    causal_BxTxL = jnp.arange(length)[None, None, :] <= query_pos_BxT[:, :, None]
+    if decoder_attention_mask is None:
+        return causal_BxTxL[:, None]
+    keep_BxL = decoder_attention_mask.astype(bool)
+    keep_BxL = jnp.pad(keep_BxL, ((0, 0), (0, length - keep_BxL.shape[1])))
+    return (causal_BxTxL & keep_BxL[:, None, :])[:, None]
+
+
+class Bart(nnx.Module):
+    """``BartForConditionalGeneration``: shared token embedding, encoder, decoder, tied LM head + bias."""
+
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, remat: bool = False):
+        if cfg.activation_function not in ACTIVATIONS:
+            raise ValueError(f"activation_function={cfg.activation_function!r} is not one of {sorted(ACTIVATIONS)}")
+        dtype = dtype or param_dtype
+        self.config = cfg
+        self.dtype = dtype
+        self.shared = nnx.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            param_dtype=param_dtype,
+            embedding_init=_token_embedding_init(cfg.init_std, cfg.pad_token_id),
+            rngs=rngs,
+        )
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+        self.encoder = Encoder(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        self.decoder = Decoder(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        self.final_logits_bias = Buffer(jnp.zeros((cfg.vocab_size,), param_dtype))
+
+    def _embed_tokens(self, ids_BxL) -> jax.Array:
+        """Scaled token embeddings. As torch's ``Embedding(padding_idx=pad)``, looking up the padding token
+        sends no gradient to its row (the tied LM head still does)."""
+        emb_BxLxD = self.shared(ids_BxL)
+        is_pad_BxLx1 = (ids_BxL == self.config.pad_token_id)[..., None]
+        return jnp.where(is_pad_BxLx1, jax.lax.stop_gradient(emb_BxLxD), emb_BxLxD) * self.embed_scale
+
+    def encode(self, input_ids_BxS, attention_mask_BxS, *, deterministic=True, rngs: nnx.Rngs | None = None):
+        """Encoder output ``[B, S, D]`` (float32 for float32 or bfloat16 compute alike)."""
+        key = _draw_key(deterministic, rngs)
+        return self.encoder(self._embed_tokens(input_ids_BxS), attention_mask_BxS, key)
+
+    def init_cache(self, enc_BxSxD, attention_mask_BxS, max_length: int) -> DecodeCache:
+        """An empty ``DecodeCache`` for up to ``max_length`` decoded tokens, with every layer's
+        cross-attention keys/values computed once from ``enc``."""
+        b = enc_BxSxD.shape[0]
+        layers = []
+        for layer in self.decoder.layers:
+            attn = layer.encoder_attn
+            zeros_BxHxMxK = jnp.zeros((b, attn.num_heads, max_length, attn.head_dim), self.dtype)
+            cross_k, cross_v = attn.project_kv(enc_BxSxD)
+            layers.append(LayerCache(zeros_BxHxMxK, zeros_BxHxMxK, cross_k, cross_v))
+        return DecodeCache(tuple(layers), attention_mask_BxS, jnp.zeros((b,), jnp.int32))
+
+    def decode(
+        self,
+        decoder_input_ids_BxT,
+        enc_BxSxD,
+        attention_mask_BxS,
+        decoder_attention_mask=None,
+        *,
+        cache: DecodeCache | None = None,
+        deterministic=True,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, DecodeCache | None]:
+        """Float32 logits ``[B, T, V]`` of the decoder, and the updated cache.
+
+        Without ``cache``: a full forward over ``decoder_input_ids`` (positions 0..T-1), cross-attending to
+        ``enc_BxSxD`` under ``attention_mask_BxS``; ``decoder_attention_mask`` is ``[B, T]``; returns
+        ``(logits, None)``.
+
+        With ``cache``: the T new tokens sit at positions ``cache.index .. index + T - 1``; the
+        cross-attention uses the cache's keys/values and encoder mask (``enc_BxSxD`` and
+        ``attention_mask_BxS`` are then not used and may be None). ``decoder_attention_mask`` is None
+        (no decoder padding) or a mask over cache slots ``[B, L]`` with ``index + T <= L <= max_length``:
+        the mask of the whole prefix so far, or a fixed ``[B, max_length]`` mask for use under jit.
+        Returns the cache advanced by T.
+        """
+        key = _draw_key(deterministic, rngs)
+        b, t = decoder_input_ids_BxT.shape
+        if cache is None:
+            index_B = jnp.zeros((b,), jnp.int32)
+            length = t
+            cross_mask_BxS = attention_mask_BxS
+            layer_kvs = [(layer.encoder_attn.project_kv(enc_BxSxD), None) for layer in self.decoder.layers]
+        else:
+            index_B = cache.index_B
+            length = cache.max_length
+            cross_mask_BxS = cache.encoder_mask_BxS
+            layer_kvs = [
+                ((c.cross_k_BxHxSxK, c.cross_v_BxHxSxK), (c.self_k_BxHxMxK, c.self_v_BxHxMxK)) for c in cache.layers
+            ]
+        self_mask_Bx1xTxL = _self_attention_mask(index_B, t, length, decoder_attention_mask)
+        cross_mask_Bx1x1xS = cross_mask_BxS.astype(bool)[:, None, None, :]
+        h_BxTxD, self_kvs = self.decoder(
+            self._embed_tokens(decoder_input_ids_BxT), index_B, self_mask_Bx1xTxL, cross_mask_Bx1x1xS, layer_kvs, key
+        )
+        logits_BxTxV = self._lm_head(h_BxTxD)
+        if cache is None:
+            return logits_BxTxV, None
+        layers = tuple(
+            dataclasses.replace(c, self_k_BxHxMxK=k, self_v_BxHxMxK=v) for c, (k, v) in zip(cache.layers, self_kvs)
+        )
+        return logits_BxTxV, DecodeCache(layers, cache.encoder_mask_BxS, index_B + t)
+
+    def _lm_head(self, h_BxTxD) -> jax.Array:
+        """Tied output projection (``h @ shared.T``) plus ``final_logits_bias``, in float32."""
+        embedding_VxD = self.shared.embedding[...].astype(self.dtype)
+        logits_BxTxV = jnp.einsum(
+            "btd,vd->btv", h_BxTxD.astype(self.dtype), embedding_VxD, preferred_element_type=jnp.float32
+        )
+        return logits_BxTxV + self.final_logits_bias[...].astype(jnp.float32)[None, None, :]
+
+    def __call__(
+        self,
+        input_ids_BxS,
+        attention_mask_BxS,
+        decoder_input_ids_BxT,
+        decoder_attention_mask_BxT=None,
+        *,
+        deterministic=True,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Float32 logits ``[B, T, V]`` of a full encoder-decoder forward (teacher forcing)."""
+        enc_BxSxD = self.encode(input_ids_BxS, attention_mask_BxS, deterministic=deterministic, rngs=rngs)
+        logits_BxTxV, _ = self.decode(
+            decoder_input_ids_BxT,
+            enc_BxSxD,
+            attention_mask_BxS,
+            decoder_attention_mask_BxT,
+            deterministic=deterministic,
+            rngs=rngs,
+        )
+        return logits_BxTxV
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable (``nnx.Param``) scalars; the tied embedding counts once, buffers not at all."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

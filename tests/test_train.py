@@ -1,0 +1,163 @@
+"""The training step: gradients, freezing, accumulation, SPMD equivalence, and learning."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from rag_jax import sharding
+from rag_jax.config import BartConfig, BertConfig
+from rag_jax.optim import OptimizerConfig
+from rag_jax.rag import init_rag_model
+from rag_jax.train import Trainer, TrainConfig
+
+V, D, K, B, SQ, S, T = 64, 32, 3, 8, 6, 10, 5
+PAD = 1
+# Adam divides by sqrt(v): for a gradient entry near zero, float32 rounding differences between two
+# summation orders become update differences of up to a few percent of the learning rate (3e-3 here).
+ADAM_ATOL = 5e-5
+
+
+def _model(dropout: float = 0.0):
+    bert = BertConfig(
+        vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )  # fmt: skip
+    bart = BartConfig(
+        vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32,
+        dropout=dropout, attention_dropout=dropout, activation_dropout=dropout,
+    )  # fmt: skip
+    return init_rag_model(bert, bart, seed=0)
+
+
+def _batch(seed: int = 0, closed_book: bool = False):
+    """A synthetic task: the answer is the first tokens of document 0, whose embedding is aligned
+    with the question's CLS embedding direction only through training."""
+    rng = np.random.default_rng(seed)
+    labels = np.full((B, T), PAD)
+    context = rng.integers(3, V, size=(B, K, S))
+    labels[:, : T - 1] = context[:, 0, 1:T]
+    labels[:, T - 1] = 2  # eos
+    if closed_book:
+        q = rng.integers(3, V, size=(B, S))
+        return {"input_ids": q, "attention_mask": np.ones_like(q), "labels": labels}
+    question = rng.integers(3, V, size=(B, SQ))
+    return {
+        "question_input_ids": question,
+        "question_attention_mask": np.ones_like(question),
+        "doc_embeddings": rng.normal(size=(B, K, D)).astype(np.float32),
+        "context_input_ids": context,
+        "context_attention_mask": np.ones_like(context),
+        "labels": labels,
+    }
+
+
+def _cfg(**kw):
+    opt = OptimizerConfig(learning_rate=3e-3, warmup_steps=5, total_steps=400, clip_norm=1.0)
+    return TrainConfig(**{"optimizer": opt, **kw})
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_gradients_reach_query_encoder_and_generator_only():
+    trainer = Trainer(_model(), _cfg())
+    state = trainer.init_state()
+    assert set(state.params) == {"query_encoder", "generator"}  # the doc encoder is not trained
+    grads = jax.grad(lambda p: trainer.per_example_loss(p, _batch(), None).sum())(state.params)
+    for name in ("query_encoder", "generator"):
+        assert sum(float(np.abs(g).sum()) for g in _leaves(grads[name])) > 0, name
+
+
+def test_frozen_query_encoder_does_not_move():
+    trainer = Trainer(_model(), _cfg(freeze_query_encoder=True))
+    state = trainer.init_state()
+    before_qe, before_gen = _leaves(state.params["query_encoder"]), _leaves(state.params["generator"])
+    for _ in range(2):  # the warmup's first learning rate is 0
+        state, metrics = trainer.train_step(state, _batch())
+    assert np.isfinite(float(metrics["loss"]))
+    for a, b in zip(before_qe, _leaves(state.params["query_encoder"])):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(before_gen, _leaves(state.params["generator"])))
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    results = []
+    for accum in (1, 2):
+        trainer = Trainer(_model(), _cfg(grad_accum_steps=accum))
+        state = trainer.init_state()
+        for _ in range(2):  # the warmup's first learning rate is 0
+            state, metrics = trainer.train_step(state, _batch())
+        results.append((metrics, _leaves(state.params)))
+    for name in ("loss", "grad_norm"):
+        assert float(results[0][0][name]) == pytest.approx(float(results[1][0][name]), rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, atol=ADAM_ATOL)
+
+
+def test_remat_and_bfloat16_compute():
+    base = Trainer(_model(), _cfg())
+    params = base.init_state().params
+    loss = base.per_example_loss(params, _batch(), None)
+    remat = Trainer(_model(), _cfg(remat=True))
+    grad = jax.grad(lambda p: base.per_example_loss(p, _batch(), None).sum())(params)
+    grad_remat = jax.grad(lambda p: remat.per_example_loss(p, _batch(), None).sum())(params)
+    for a, b in zip(_leaves(grad), _leaves(grad_remat)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    bf16 = Trainer(_model(), _cfg(compute_dtype="bfloat16"))
+    loss_bf16 = bf16.per_example_loss(params, _batch(), None)
+    np.testing.assert_allclose(np.asarray(loss_bf16), np.asarray(loss), rtol=0.05)
+
+
+def test_sharded_step_equals_single_device_step():
+    assert jax.device_count() == 8
+    batch = _batch(seed=3)
+    single = Trainer(_model(dropout=0.1), _cfg())
+    state1 = single.init_state()
+    for _ in range(2):  # the warmup's first learning rate is 0
+        state1, metrics1 = single.train_step(state1, dict(batch))
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+    sharded = Trainer(_model(dropout=0.1), _cfg(), mesh=mesh)
+    state8 = sharded.init_state()
+    fc1 = state8.params["generator"]["encoder"]["layers"][0]["fc1"]["kernel"]
+    assert fc1.sharding.spec == P("fsdp", None)  # embed dim (32) over fsdp; mlp (48) over model (size 1)
+    word = state8.params["query_encoder"]["embeddings"]["word"]
+    assert word.sharding.spec == P(None, "fsdp")
+    query = state8.params["query_encoder"]["layers"]["query"]["kernel"]
+    assert query.sharding.spec == P(None, "fsdp", None)  # [layers, embed, heads]
+    mu = state8.opt_state.inner_states["train"].inner_state[1][0].mu
+    assert mu["generator"]["encoder"]["layers"][0]["fc1"]["kernel"].sharding.spec == P("fsdp", None)
+
+    for _ in range(2):
+        state8, metrics8 = sharded.train_step(state8, dict(batch))
+    assert float(metrics8["loss"]) == pytest.approx(float(metrics1["loss"]), rel=1e-5)
+    assert float(metrics8["grad_norm"]) == pytest.approx(float(metrics1["grad_norm"]), rel=1e-5)
+    for a, b in zip(_leaves(state1.params), _leaves(state8.params)):
+        np.testing.assert_allclose(a, b, atol=ADAM_ATOL)
+
+
+@pytest.mark.parametrize("variant", ["token", "sequence", "closed_book"])
+def test_training_drives_the_loss_down(variant):
+    closed_book = variant == "closed_book"
+    trainer = Trainer(_model(dropout=0.1), _cfg(variant=variant))
+    state = trainer.init_state()
+    data = [_batch(seed=i, closed_book=closed_book) for i in range(2)]
+    losses = []
+    for step in range(200):
+        state, metrics = trainer.train_step(state, dict(data[step % 2]))
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+
+
+def test_reference_recipe():
+    cfg = TrainConfig.reference_recipe()
+    assert (cfg.epsilon, cfg.loss_reduction) == (0.1, "sum")
+    opt = cfg.optimizer
+    assert (opt.learning_rate, opt.weight_decay, opt.clip_norm, opt.warmup_steps) == (3e-5, 0.001, 0.1, 500)
+    assert dataclasses.replace(cfg, variant="sequence").variant == "sequence"
