@@ -1,0 +1,435 @@
+"""The passage corpus: reading DPR TSV / JSONL files, 100-word splitting, and a random-access store.
+
+File formats (one record per line; records never span lines, which DPR's files respect):
+
+* **TSV** (DPR ``psgs_w100.tsv``): an optional header ``id<TAB>text<TAB>title`` (columns found by
+  name when the header is there, else taken in that order), fields parsed with the ``csv`` module's
+  default dialect and ``delimiter="\\t"``, as DPR's own code reads them: a field may be wrapped in
+  double quotes, with inner quotes doubled (``"a ""b"" c"`` -> ``a "b" c``).
+* **JSONL**: one object per line with ``"id"`` and ``"text"`` (and ``"title"``, "" when missing).
+
+Malformed lines: a line with the wrong column count, bad quoting, bad JSON, missing keys, bytes that
+are not UTF-8, or an empty text is **skipped and counted**. Each is logged (``logging``, logger
+``rag_jax.retrieval.corpus``) as ``path:line: reason``: the first 100 at WARNING, the rest at
+DEBUG, then one WARNING summary with the count. With ``strict=True`` the first one raises
+``MalformedLineError`` whose message is ``path:line: reason``. Blank lines are not records and are
+skipped silently. Row numbers count the *kept* records from 0, and are the same everywhere: the
+store's offsets, the embedding rows (``embed.py``) and the index ids.
+
+``PassageStore`` gives random access without holding the text in Python: one scan of the file
+writes, in a sidecar folder ``<file>.idx/`` (or ``cache_dir``), the byte offset (int64) and length
+(int32) of every kept record and its id, plus a JSON with the source's size and mtime; the sidecar
+is rebuilt when those change. ``store[i]`` reads one record with ``os.pread`` (thread-safe, no
+shared file position), contiguous ranges are read with one ``pread``. For the 21M-passage
+Wikipedia file (13 GiB) the sidecar is 21M x 12 bytes + the ids (int64 when every id is an integer,
+as in DPR's file; otherwise a NumPy unicode array, which costs 4 bytes per character per id).
+"""
+
+from __future__ import annotations
+
+import array
+import csv
+import dataclasses
+import json
+import logging
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+SIDECAR_VERSION = 1
+MAX_REPORTED = 100  # malformed lines logged at WARNING; the rest at DEBUG
+
+
+class MalformedLineError(ValueError):
+    """A corpus line that cannot be read as a passage (raised in strict mode)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+    """One passage; ``id`` is the id exactly as written in the file."""
+
+    id: str
+    title: str
+    text: str
+
+
+def split_into_passages(title: str, text: str, words: int = 100) -> list[Passage]:
+    """Split a document into disjoint passages of ``words`` whitespace-separated words (the last
+    one shorter), each keeping the document's title. Passage ids are "" (the writer numbers them).
+
+    Words are maximal runs of non-whitespace (``str.split()``), joined by single spaces. The
+    transformers RAG example (``use_own_knowledge_dataset.py``) splits on the single character " "
+    instead, so there runs of spaces and newlines count differently.
+    """
+    if words < 1:
+        raise ValueError(f"words must be >= 1, got {words}")
+    tokens = text.split()
+    return [Passage("", title, " ".join(tokens[i : i + words])) for i in range(0, len(tokens), words)]
+
+
+def write_passages_tsv(passages: Iterable[Passage], path: str, first_id: int = 1) -> int:
+    """Write passages as a DPR TSV (header ``id text title``, ids ``first_id, first_id + 1, ...``;
+    csv quoting). Tabs and line breaks inside fields become spaces so every record stays on one
+    line. Returns the number of passages written."""
+    count = 0
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["id", "text", "title"])
+        for count, p in enumerate(passages, start=1):
+            writer.writerow([first_id + count - 1, " ".join(p.text.split()), " ".join(p.title.split())])
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+class _Malformed(Exception):
+    """Internal: the reason a line is rejected."""
+
+
+def _detect_format(path: str, fmt: str | None) -> str:
+    if fmt is not None:
+        if fmt not in ("tsv", "jsonl"):
+            raise ValueError(f"format must be 'tsv' or 'jsonl', got {fmt!r}")
+        return fmt
+    if path.endswith(".gz"):
+        raise ValueError(f"{path}: compressed files have no random access; decompress it first (gunzip)")
+    if path.endswith((".jsonl", ".json")):
+        return "jsonl"
+    if path.endswith((".tsv", ".txt")):
+        return "tsv"
+    raise ValueError(f"{path}: cannot tell the format from the name; pass format='tsv' or 'jsonl'")
+
+
+def _tsv_fields(line: str) -> list[str]:
+    if '"' not in line:
+        return line.split("\t")
+    try:
+        return next(csv.reader([line], delimiter="\t", strict=True))
+    except csv.Error as e:
+        raise _Malformed(f"bad quoting ({e})") from None
+
+
+class _TsvParser:
+    """Parses TSV lines; the header (if any) fixes which column is which."""
+
+    def __init__(self, columns: Sequence[int] = (0, 1, 2), num_fields: int = 3):
+        self.columns = tuple(columns)  # positions of id, text, title
+        self.num_fields = num_fields
+
+    def header(self, line: str) -> bool:
+        """True (and columns set) when ``line`` is a header."""
+        fields = _tsv_fields(line)
+        missing = [c for c in ("id", "text", "title") if c not in fields]
+        if missing:
+            if fields[0] == "id":
+                raise MalformedLineError(f"TSV header {fields} lacks the column(s) {missing}")
+            return False
+        self.columns = tuple(fields.index(c) for c in ("id", "text", "title"))
+        self.num_fields = len(fields)
+        return True
+
+    def __call__(self, line: str) -> Passage:
+        fields = _tsv_fields(line)
+        if len(fields) != self.num_fields:
+            raise _Malformed(f"expected {self.num_fields} tab-separated columns, found {len(fields)}")
+        i, x, t = self.columns
+        return Passage(fields[i], fields[t], fields[x])
+
+
+def _parse_jsonl(line: str) -> Passage:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _Malformed(f"bad JSON ({e})") from None
+    if not isinstance(obj, dict) or "id" not in obj or "text" not in obj:
+        raise _Malformed('expected a JSON object with "id" and "text"')
+    title = obj.get("title") or ""
+    if not isinstance(obj["text"], str) or not isinstance(title, str):
+        raise _Malformed('"text" and "title" must be strings')
+    return Passage(str(obj["id"]), title, obj["text"])
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise _Malformed(f"not UTF-8 ({e})") from None
+
+
+class _Reporter:
+    """Counts malformed lines and reports them with their location (see the module docstring)."""
+
+    def __init__(self, path: str, strict: bool):
+        self.path, self.strict, self.count, self.first = path, strict, 0, None
+
+    def __call__(self, lineno: int, reason: str) -> None:
+        where = f"{self.path}:{lineno}: {reason}"
+        if self.strict:
+            raise MalformedLineError(where)
+        self.count += 1
+        self.first = self.first or where
+        logger.log(logging.WARNING if self.count <= MAX_REPORTED else logging.DEBUG, "skipped malformed line %s", where)
+
+    def summary(self) -> None:
+        if self.count:
+            logger.warning("%s: skipped %d malformed line(s); the first: %s", self.path, self.count, self.first)
+
+
+def _scan(path: str, tsv: _TsvParser | None, report: _Reporter) -> Iterator[tuple[int, int, Passage]]:
+    """Yield ``(byte offset, byte length, passage)`` for every kept record, in file order. ``tsv``
+    is a fresh TSV parser (it learns the header), None for JSONL."""
+    header_checked = tsv is None
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            try:
+                line = _decode(raw)
+                if not header_checked:
+                    header_checked = True
+                    if tsv.header(line):
+                        continue
+                passage = tsv(line) if tsv is not None else _parse_jsonl(line)
+                if not passage.text.strip():
+                    raise _Malformed("empty text")
+            except _Malformed as e:
+                report(lineno, str(e))
+                continue
+            yield start, len(raw), passage
+    report.summary()
+
+
+def read_passages(path: str, *, format: str | None = None, strict: bool = False) -> Iterator[Passage]:
+    """Stream the passages of a TSV or JSONL file in order (malformed lines handled as the module
+    docstring says)."""
+    tsv = _TsvParser() if _detect_format(path, format) == "tsv" else None
+    for _, _, passage in _scan(path, tsv, _Reporter(path, strict)):
+        yield passage
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+def file_fingerprint(path: str) -> dict:
+    """What identifies a version of a file cheaply: its size and modification time."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+class _IdCollector:
+    """Collects ids compactly: int64 while every id is a plain integer (DPR), else strings."""
+
+    def __init__(self):
+        self.ints, self.strs = array.array("q"), None
+
+    def add(self, passage_id: str) -> None:
+        if self.strs is None:
+            try:
+                value = int(passage_id)
+                if str(value) == passage_id:
+                    self.ints.append(value)
+                    return
+            except (ValueError, OverflowError):
+                pass
+            self.strs = [str(v) for v in self.ints]
+        self.strs.append(passage_id)
+
+    def array(self) -> np.ndarray:
+        return np.array(self.ints, dtype=np.int64) if self.strs is None else np.array(self.strs, dtype=str)
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    tmp = path + ".tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def build_sidecar(path: str, sidecar: str, *, format: str | None = None, strict: bool = False, progress: bool = False) -> dict:
+    """Scan ``path`` once and write the offsets, lengths and ids of its records into ``sidecar``."""
+    fmt = _detect_format(path, format)
+    fingerprint = file_fingerprint(path)
+    report = _Reporter(path, strict)
+    offsets, lengths, ids = array.array("q"), array.array("i"), _IdCollector()
+    tsv = _TsvParser() if fmt == "tsv" else None
+    records = _scan(path, tsv, report)
+    if progress:
+        records = tqdm(records, desc=f"indexing {os.path.basename(path)}", unit=" passages", mininterval=2.0)
+    for start, length, passage in records:
+        offsets.append(start)
+        lengths.append(length)
+        ids.add(passage.id)
+    os.makedirs(sidecar, exist_ok=True)
+    _save_npy(os.path.join(sidecar, "offsets.npy"), np.array(offsets, dtype=np.int64))
+    _save_npy(os.path.join(sidecar, "lengths.npy"), np.array(lengths, dtype=np.int32))
+    ids_array = ids.array()
+    _save_npy(os.path.join(sidecar, "ids.npy"), ids_array)
+    if len(np.unique(ids_array)) != len(ids_array):
+        logger.warning("%s: some passage ids are repeated; id -> row lookups give the first row", path)
+    meta = {
+        "version": SIDECAR_VERSION,
+        "source": os.path.abspath(path),
+        "format": fmt,
+        "tsv_columns": None if tsv is None else {"positions": list(tsv.columns), "num_fields": tsv.num_fields},
+        "fingerprint": fingerprint,
+        "num_passages": len(offsets),
+        "num_malformed": report.count,
+        "first_malformed": report.first,
+    }
+    tmp = os.path.join(sidecar, "meta.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(sidecar, "meta.json"))
+    return meta
+
+
+def _load_meta(sidecar: str) -> dict | None:
+    try:
+        with open(os.path.join(sidecar, "meta.json")) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class PassageStore:
+    """Random access to the passages of one TSV/JSONL file by row (0 .. len-1) and by id.
+
+    Open with ``PassageStore.open(path)``; it is a context manager and can be pickled (it reopens
+    the file). Nothing but the offsets, lengths and ids arrays is held in memory.
+    """
+
+    def __init__(self, path: str, sidecar: str, meta: dict):
+        self.path, self.sidecar, self.meta = path, sidecar, meta
+        self.format = meta["format"]
+        self.offsets = np.load(os.path.join(sidecar, "offsets.npy"), mmap_mode="r")
+        self.lengths = np.load(os.path.join(sidecar, "lengths.npy"), mmap_mode="r")
+        self.ids = np.load(os.path.join(sidecar, "ids.npy"), mmap_mode="r")
+        self._fd = os.open(path, os.O_RDONLY)
+        self._id_order = self._sorted_ids = None
+        columns = meta["tsv_columns"]
+        self._tsv = None if columns is None else _TsvParser(columns["positions"], columns["num_fields"])
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        *,
+        format: str | None = None,
+        strict: bool = False,
+        cache_dir: str | None = None,
+        progress: bool = False,
+    ) -> "PassageStore":
+        """Open ``path``, (re)building its sidecar index when missing or when the file changed
+        (size or mtime). ``cache_dir`` puts the sidecar there instead of next to the file. With
+        ``strict=True`` a file with any malformed line is refused."""
+        sidecar = cache_dir or path + ".idx"
+        meta = _load_meta(sidecar)
+        fresh = (
+            meta is not None
+            and meta.get("version") == SIDECAR_VERSION
+            and meta.get("fingerprint") == file_fingerprint(path)
+            and (format is None or meta.get("format") == format)
+        )
+        if not fresh:
+            meta = build_sidecar(path, sidecar, format=format, strict=strict, progress=progress)
+        elif strict and meta["num_malformed"]:
+            raise MalformedLineError(f"{meta['first_malformed']} (and {meta['num_malformed'] - 1} more malformed lines)")
+        return cls(path, sidecar, meta)
+
+    @property
+    def fingerprint(self) -> dict:
+        """Identifies the source file version (and the row numbering derived from it)."""
+        return {"path": os.path.abspath(self.path), **self.meta["fingerprint"], "num_passages": len(self)}
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def _parse(self, raw: bytes) -> Passage:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        return self._tsv(line) if self._tsv is not None else _parse_jsonl(line)
+
+    def _row(self, i: int) -> int:
+        n = len(self)
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} out of range for a store of {n} passages")
+        return i % n
+
+    def __getitem__(self, i: int) -> Passage:
+        i = self._row(i)
+        return self._parse(os.pread(self._fd, int(self.lengths[i]), int(self.offsets[i])))
+
+    def get_many(self, rows: Sequence[int] | np.ndarray) -> list[Passage]:
+        """Passages at ``rows`` (any order, repeats allowed)."""
+        return [self[i] for i in np.asarray(rows).reshape(-1).tolist()]
+
+    def slice(self, start: int, stop: int) -> list[Passage]:
+        """Passages ``start .. stop-1``, read with one ``pread``."""
+        start, stop = max(start, 0), min(stop, len(self))
+        if start >= stop:
+            return []
+        base = int(self.offsets[start])
+        end = int(self.offsets[stop - 1]) + int(self.lengths[stop - 1])
+        buf = os.pread(self._fd, end - base, base)
+        return [
+            self._parse(buf[o - base : o - base + n])
+            for o, n in zip(self.offsets[start:stop].tolist(), self.lengths[start:stop].tolist())
+        ]
+
+    def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[list[Passage]]:
+        """Consecutive batches of passages from row ``start`` to ``stop`` (the end by default)."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        for a in range(start, stop, batch_size):
+            yield self.slice(a, min(a + batch_size, stop))
+
+    def row_of(self, passage_id: str | int) -> int:
+        """The row of the passage with this id (the first one if ids repeat); KeyError if none."""
+        if self._sorted_ids is None:
+            self._id_order = np.argsort(self.ids, kind="stable")
+            self._sorted_ids = self.ids[self._id_order]
+        if self.ids.dtype.kind == "i":
+            key = _int_or_none(passage_id)
+            if key is None:
+                raise KeyError(passage_id)
+        else:
+            key = str(passage_id)
+        j = int(np.searchsorted(self._sorted_ids, key))
+        if j == len(self._sorted_ids) or self._sorted_ids[j] != key:
+            raise KeyError(passage_id)
+        return int(self._id_order[j])
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "PassageStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def __reduce__(self):
+        return (_reopen, (self.path, self.sidecar))
+
+
+def _int_or_none(x) -> int | None:
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _reopen(path: str, sidecar: str) -> PassageStore:
+    return PassageStore(path, sidecar, _load_meta(sidecar))

@@ -1,0 +1,180 @@
+"""ScannIndex: approximate MIPS on the host with ScaNN (tree partitioning + asymmetric hashing +
+exact reordering), the index RAG used for its 21M Wikipedia passages.
+
+Defaults, chosen from N (and the norms):
+
+* N < ``BRUTE_FORCE_BELOW`` (20,000): ScaNN brute force (exact).
+* else a tree of ``num_leaves = round(sqrt(N))`` leaves, trained on ``min(N, max(100_000,
+  100 * num_leaves))`` sampled rows; a query searches ``ceil(LEAVES_FRACTION * num_leaves)`` leaves
+  (10%, at least ``MIN_LEAVES_TO_SEARCH``); AH scoring with 2 dims per block (16 centers each) and
+  anisotropic quantization threshold 0.2; the best ``REORDER_FACTOR * k`` (100 for k = 10) AH
+  candidates are rescored exactly in float32, so the scores returned are exact inner products.
+* The MIPS -> nearest-neighbour trick (Bachrach et al. 2014, as in DPR's HNSW index): every corpus
+  vector gets one more coordinate ``sqrt(M^2 - |x|^2)`` (M the largest norm) so all have norm M,
+  queries get a 0, inner products are unchanged, and the tree uses spherical k-means. It is used
+  (``mips_trick=None``) when the norms vary little: std(log |x|) < 0.15; see below.
+
+Measured with ``experiments/bench/mips.py --study trick --n 200000 --dim 128`` (synthetic clustered
+vectors, ``synthetic.py``, lognormal norms with log-std sigma; 1,000 queries; k = 10; 447 leaves,
+reorder 100; QPS batched on 2 CPU cores, noisy), recall@10 against exact search:
+
+| sigma | trick | 2% leaves | 5% | 10% | 20% |
+|---|---|---|---|---|---|
+| 0.1 | no | 0.859 | 0.916 | 0.948 | 0.973 |
+| 0.1 | yes | 0.908 | 0.940 | 0.961 | 0.979 |
+| 0.25 | no | 0.829 | 0.871 | 0.912 | 0.951 |
+| 0.25 | yes | 0.758 | 0.826 | 0.886 | 0.929 |
+| 0.5 | no | 0.617 | 0.682 | 0.737 | 0.786 |
+| 0.5 | yes | 0.470 | 0.584 | 0.670 | 0.738 |
+
+The trick helps when norms are nearly equal (sigma 0.1; DPR-like) and hurts when they spread
+(the padded coordinate dominates the small-norm vectors and the quantization), hence the 0.15
+threshold; a reorder of 300 instead of 100 changed recall by < 0.01 (the tree is the limit). This
+synthetic set is harder than real passage embeddings (overlapping clusters), and a smaller corpus
+needs a larger share of its sqrt(N) leaves (20k x 64: ~25% for 0.95; 10k: ~40%): check recall on
+held-out queries with ``exact_search_numpy`` and pass ``leaves_to_search`` to ``build`` or
+``search`` for a real corpus.
+
+Sharing: ScaNN's Python API trains a searcher on the rows it indexes (on a sample of
+``training_sample_size`` of them) and has no call to reuse a trained tree for other rows, so each
+shard of a ``ShardedIndex`` trains its own tree on a sample of its own rows.
+
+Saved as ScaNN's own artifacts (``searcher.serialize`` with relative paths, so the folder can move)
+plus ``index.json`` (dim, N, the trick's M, the search defaults).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sized
+
+import numpy as np
+import scann
+
+from rag_jax.retrieval.index import check_build_inputs, check_queries, merge_topk, read_meta, write_meta
+
+BRUTE_FORCE_BELOW = 20_000
+LEAVES_FRACTION = 0.1
+MIN_LEAVES_TO_SEARCH = 8
+REORDER_FACTOR = 10
+DEFAULT_K = 10  # the k the searcher is configured for; search() passes its own
+ROW_BLOCK = 65536
+TRICK_BELOW_LOG_NORM_STD = 0.15  # mips_trick=None: use the trick when std(log |x|) is below this
+
+
+def _squared_norms(embeddings, n: int) -> np.ndarray:
+    out = np.empty(n, np.float64)
+    for start in range(0, n, ROW_BLOCK):
+        block = np.asarray(embeddings[start : start + ROW_BLOCK], dtype=np.float32)
+        out[start : start + len(block)] = np.einsum("nd,nd->n", block, block, dtype=np.float64)
+    return out
+
+
+def _database(embeddings, n: int, dim: int, sq_norms: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """A float32 copy of the corpus for ScaNN, copied in row blocks; with ``sq_norms`` (the MIPS
+    trick) one more coordinate ``sqrt(M^2 - |x|^2)``. Returns it and M (0 without the trick)."""
+    out = np.empty((n, dim + (sq_norms is not None)), np.float32)
+    for start in range(0, n, ROW_BLOCK):
+        block = np.asarray(embeddings[start : start + ROW_BLOCK], dtype=np.float32)
+        out[start : start + len(block), :dim] = block
+    if sq_norms is None:
+        return out, 0.0
+    max_sq = float(sq_norms.max())
+    out[:, dim] = np.sqrt(np.maximum(max_sq - sq_norms, 0.0))
+    return out, math.sqrt(max_sq)
+
+
+class ScannIndex:
+    """ScaNN searcher plus what our interface needs (see the module docstring)."""
+
+    def __init__(self, searcher, meta: dict):
+        self.searcher, self.meta = searcher, meta
+        self.dim, self.size = meta["dim"], meta["size"]
+
+    @classmethod
+    def build(
+        cls,
+        embeddings,
+        *,
+        num_leaves: int | None = None,
+        leaves_to_search: int | None = None,
+        leaves_fraction: float = LEAVES_FRACTION,
+        reorder_factor: int = REORDER_FACTOR,
+        mips_trick: bool | None = None,
+        brute_force_below: int = BRUTE_FORCE_BELOW,
+        training_sample_size: int | None = None,
+        dims_per_block: int = 2,
+        anisotropic_quantization_threshold: float = 0.2,
+        num_threads: int = 0,
+        passages: Sized | None = None,
+    ) -> "ScannIndex":
+        """Build a searcher over ``embeddings`` [N, D]; every argument has a default from N (see
+        the module docstring). ``mips_trick=None`` decides from the norms."""
+        n, dim = check_build_inputs(embeddings, passages)
+        tree = n >= brute_force_below
+        sq_norms = _squared_norms(embeddings, n)
+        log_norm_std = float(np.std(0.5 * np.log(np.maximum(sq_norms, 1e-30))))
+        mips_trick = tree and (log_norm_std < TRICK_BELOW_LOG_NORM_STD if mips_trick is None else mips_trick)
+        db, max_norm = _database(embeddings, n, dim, sq_norms if mips_trick else None)
+        del sq_norms
+        builder = scann.scann_ops_pybind.builder(db, DEFAULT_K, "dot_product")
+        if tree:
+            num_leaves = num_leaves or max(1, round(math.sqrt(n)))
+            leaves_to_search = leaves_to_search or min(num_leaves, max(MIN_LEAVES_TO_SEARCH, math.ceil(leaves_fraction * num_leaves)))
+            sample = training_sample_size or min(n, max(100_000, 100 * num_leaves))
+            builder = (
+                builder.tree(num_leaves=num_leaves, num_leaves_to_search=leaves_to_search, training_sample_size=sample, spherical=mips_trick)
+                .score_ah(dims_per_block, anisotropic_quantization_threshold=anisotropic_quantization_threshold, training_sample_size=sample)
+                .reorder(reorder_factor * DEFAULT_K)
+            )
+        else:
+            num_leaves = leaves_to_search = 0
+            builder = builder.score_brute_force()
+        if num_threads:
+            builder = builder.set_n_training_threads(num_threads)
+        searcher = builder.build()
+        del db
+        if num_threads:
+            searcher.set_num_threads(num_threads)
+        meta = {
+            "kind": "scann", "size": n, "dim": dim, "mips_trick": mips_trick, "max_norm": max_norm, "log_norm_std": log_norm_std,
+            "tree": tree, "num_leaves": num_leaves, "leaves_to_search": leaves_to_search, "reorder_factor": reorder_factor,
+        }
+        return cls(searcher, meta)
+
+    def search(
+        self, queries: np.ndarray, k: int, *, leaves_to_search: int | None = None, reorder_factor: int | None = None, batch_size: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows by inner product (multithreaded over query batches); ``leaves_to_search``
+        and ``reorder_factor`` override the built defaults."""
+        q = check_queries(queries, self.dim, self.size, k)
+        if self.meta["mips_trick"]:
+            q = np.concatenate([q, np.zeros((len(q), 1), np.float32)], axis=1)
+        if len(q) == 0:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        reorder = (reorder_factor or self.meta["reorder_factor"]) * k
+        ids, scores = self.searcher.search_batched_parallel(
+            q,
+            final_num_neighbors=k,
+            pre_reorder_num_neighbors=max(k, reorder) if self.meta["tree"] else None,
+            leaves_to_search=(leaves_to_search or self.meta["leaves_to_search"]) if self.meta["tree"] else None,
+            batch_size=batch_size,
+        )
+        ids, scores = np.asarray(ids, np.int64), np.asarray(scores, np.float32)
+        if ids.shape != (len(q), k):
+            raise RuntimeError(f"ScaNN returned {ids.shape[1]} neighbours for k={k}: search more leaves")
+        return merge_topk([(ids, scores)], k)  # canonical tie order
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.searcher.serialize(directory, relative_path=True)
+        write_meta(directory, self.meta)
+
+    @classmethod
+    def load(cls, directory: str, *, num_threads: int = 0) -> "ScannIndex":
+        meta = read_meta(directory, "scann")
+        searcher = scann.scann_ops_pybind.load_searcher(directory)
+        if num_threads:
+            searcher.set_num_threads(num_threads)
+        return cls(searcher, meta)
