@@ -16,41 +16,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from rag_jax.config import BartConfig
+from rag_jax.models.activations import ACTIVATIONS
 
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding: position p is row p + 2
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used by every BART layer norm
 _MASKED = float(jnp.finfo(jnp.float32).min)
-
-
-def _gelu_tanh(x):
-    return jax.nn.gelu(x, approximate=True)
-
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_python_tanh": _gelu_tanh,
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "relu6": jax.nn.relu6,
-    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "linear": lambda x: x,
-}
-"""transformers' ``ACT2FN`` names -> the same function in JAX."""
 
 
 class Buffer(nnx.Variable):
