@@ -13,10 +13,12 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rag_jax import objective
 from rag_jax.config import BartConfig, BertConfig, RagConfig
+from rag_jax.decoding import Decoding, SearchOptions, default_options, hf_layout, rag_sequence_search, rag_token_search
 from rag_jax.models import bert
 from rag_jax.models.bart import Bart
 from rag_jax.models.encoder import Encoder, pooled_encode
@@ -115,6 +117,8 @@ class RagModel:
     config: RagConfig = RagConfig()
     variant: Variant = "token"
     hf_config: dict | None = None
+    # jitted loss functions by (variant, n_docs, epsilon, exclude_bos_score, reduce, form), built once each
+    _loss_jits: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def bos_token_id(self) -> int | None:
@@ -122,7 +126,15 @@ class RagModel:
         return rag_bos if rag_bos is not None else self.generator.config.bos_token_id
 
     def _loss_fn(self, variant, n_docs, epsilon, exclude_bos_score, reduce, form):
+        """``(jitted loss(state, context ids, context mask, doc_scores, labels), current generator state)``;
+        the jitted function is built once per setting and kept (one compilation per shape)."""
         graphdef, state = nnx.split(self.generator.model)
+        key = (variant, n_docs, epsilon, exclude_bos_score, reduce, form)
+        if key not in self._loss_jits:
+            self._loss_jits[key] = self._build_loss_fn(graphdef, *key)
+        return self._loss_jits[key], state
+
+    def _build_loss_fn(self, graphdef, variant, n_docs, epsilon, exclude_bos_score, reduce, form):
         gen_cfg = self.generator.config
 
         def loss(state, context_input_ids, context_attention_mask, doc_scores_BxK, labels_BxT):
@@ -140,7 +152,7 @@ class RagModel:
                 reduce=reduce, form=form,
             )  # fmt: skip
 
-        return jax.jit(loss), state
+        return jax.jit(loss)
 
     def loss(
         self,
@@ -162,6 +174,81 @@ class RagModel:
             variant or self.variant, n_docs or self.config.n_docs, epsilon, exclude_bos_score, reduce, form
         )
         return fn(state, *map(jnp.asarray, (context_input_ids, context_attention_mask, doc_scores, labels)))
+
+    def generation_options(
+        self, variant: Variant | None = None, options: SearchOptions | None = None, **overrides
+    ) -> SearchOptions:
+        """The ``SearchOptions`` ``generate`` uses for ``variant``: ``options``, or transformers' defaults
+        from the configs (see ``rag_jax.decoding.default_options``), with ``overrides`` (None values
+        ignored) on top."""
+        variant = variant or self.variant
+        if variant not in ARCHITECTURES:
+            raise ValueError(f"variant={variant!r}: expected 'token' or 'sequence'")
+        return default_options(
+            self.generator.config, self.hf_config, seq2seq_generate=variant == "sequence", base=options, **overrides
+        )
+
+    def generate(
+        self,
+        context_input_ids,
+        context_attention_mask,
+        doc_scores,
+        variant: Variant | None = None,
+        decoding: Decoding = "thorough",
+        num_beams: int = 1,
+        max_length: int | None = None,
+        min_length: int | None = None,
+        num_return_sequences: int = 1,
+        n_docs: int | None = None,
+        do_deduplication: bool | None = None,
+        mask_candidate_search: bool = True,
+        options: SearchOptions | None = None,
+        **overrides,
+    ) -> np.ndarray:
+        """Generated ids ``[B * num_return_sequences, W]`` (int32, padded with the pad token), as
+        ``Rag{Token,Sequence}ForGeneration.generate`` returns them for the same arguments.
+
+        Inputs are transformers' layout: context ids/mask ``[B * K, S]`` (document fastest) and
+        ``doc_scores [B, K]``. ``variant`` ("token" | "sequence", default the model's); ``decoding``
+        applies to RAG-Sequence: "thorough" (rescoring, transformers' algorithm) or "fast" (the paper's,
+        no extra forward pass). ``num_beams=1`` is greedy. Unset lengths and special tokens come from the
+        configs as in transformers; other ``SearchOptions`` fields (``length_penalty``,
+        ``early_stopping``, ``bad_words_ids``, ``forced_eos_token_id``, ...) go in ``overrides``, or pass a
+        full ``options`` (e.g. ``dataclasses.replace(model.generation_options(), forced_eos_token_id=None)``).
+        ``do_deduplication`` defaults to the RAG config's. ``mask_candidate_search=False`` reproduces a
+        transformers quirk (RAG-Sequence's per-document searches attend to context padding). Every call
+        with the same shapes and options runs one compiled program (``rag_jax.decoding.rag_token_search``
+        / ``rag_sequence_search``). See ``rag_jax.decoding`` for the algorithms and the exact scores.
+        """
+        variant = variant or self.variant
+        n_docs = n_docs or self.config.n_docs
+        opts = self.generation_options(
+            variant, options, num_beams=num_beams, max_length=max_length, min_length=min_length,
+            num_return_sequences=num_return_sequences, **overrides,
+        )  # fmt: skip
+        gen_cfg = self.generator.config
+        opts.check(
+            gen_cfg.vocab_size,
+            gen_cfg.max_position_embeddings,
+            n_docs * opts.num_beams if variant == "sequence" else None,
+        )
+        ids_BxKxS = unflatten_docs(jnp.asarray(context_input_ids, jnp.int32), n_docs)
+        mask_BxKxS = unflatten_docs(jnp.asarray(context_attention_mask, jnp.int32), n_docs)
+        doc_scores_BxK = jnp.asarray(doc_scores, jnp.float32)
+        if doc_scores_BxK.shape != ids_BxKxS.shape[:2]:
+            raise ValueError(f"doc_scores has shape {doc_scores_BxK.shape}, expected {ids_BxKxS.shape[:2]} (B, n_docs)")
+        graphdef, state = nnx.split(self.generator.model)
+        if variant == "token":
+            result = rag_token_search(graphdef, state, ids_BxKxS, mask_BxKxS, doc_scores_BxK, opts)
+            r = opts.num_return_sequences
+            return hf_layout(result.sequences_BxNxL[:, :r], result.lengths_BxN[:, :r])
+        result = rag_sequence_search(
+            graphdef, state, ids_BxKxS, mask_BxKxS, doc_scores_BxK, opts, decoding,
+            pad_token_id=gen_cfg.pad_token_id, bos_token_id=self.bos_token_id, epsilon=self.config.label_smoothing,
+            do_deduplication=self.config.do_deduplication if do_deduplication is None else do_deduplication,
+            mask_candidate_search=mask_candidate_search,
+        )  # fmt: skip
+        return hf_layout(result.sequences_BxRxL, result.candidate_lengths_BxC)
 
     def doc_scores(self, question_input_ids, question_attention_mask, retrieved_doc_embeds) -> jax.Array:
         """``[B, K]`` scores of retrieved documents for the questions (the question encoder's vectors
