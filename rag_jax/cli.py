@@ -1,12 +1,17 @@
-"""The ``rag-jax`` command (also ``python -m rag_jax``); each subcommand lives in ``rag_jax.commands``."""
+"""The ``rag-jax`` command (also ``python -m rag_jax``); each subcommand lives in ``rag_jax.commands``.
+
+Subcommands that take a run config (``train``, ``eval``) also accept ``--config.<field>=<value>``
+overrides; any other unknown argument is an error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
-COMMAND_MODULES = ("model_io",)
+COMMAND_MODULES = ("model_io", "retrieval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    overrides = [a for a in unknown if a.startswith("--config.")]
+    rest = [a for a in unknown if not a.startswith("--config.")]
+    if rest or (overrides and not getattr(args, "overrides_allowed", False)):
+        parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
+    args.overrides = overrides
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.run(args)
 
 

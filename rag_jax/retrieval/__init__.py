@@ -1,9 +1,11 @@
 """RAG's non-parametric memory: the passage corpus, its embeddings, and MIPS indexes over them.
 
 Rows are the one key shared by all three: row ``i`` of a ``PassageStore`` is row ``i`` of the
-embeddings ``embed_passages`` writes and id ``i`` in every index's search results.
+embeddings ``embed_passages`` writes and id ``i`` in every index's search results. ``Retriever``
+turns questions into the generator's inputs over one such corpus (``retriever.py``, ``context.py``).
 """
 
+from rag_jax.retrieval.context import ContextFormat, context_string, context_strings, tokenize_contexts
 from rag_jax.retrieval.corpus import (
     MalformedLineError,
     Passage,
@@ -15,19 +17,26 @@ from rag_jax.retrieval.corpus import (
 from rag_jax.retrieval.embed import EmbeddingShards, embed_passages, hf_tokenize_fn, load_embeddings, passage_inputs
 from rag_jax.retrieval.exact import ExactIndex
 from rag_jax.retrieval.index import Index, exact_search_numpy, load_index, merge_topk
+from rag_jax.retrieval.retriever import Prefetcher, RetrievedBatch, Retriever, prefetch, train_batch
 from rag_jax.retrieval.scann_index import ScannIndex
 from rag_jax.retrieval.sharded import ShardedIndex, build_sharded
 
 __all__ = [
+    "ContextFormat",
     "EmbeddingShards",
     "ExactIndex",
     "Index",
     "MalformedLineError",
     "Passage",
     "PassageStore",
+    "Prefetcher",
+    "RetrievedBatch",
+    "Retriever",
     "ScannIndex",
     "ShardedIndex",
     "build_sharded",
+    "context_string",
+    "context_strings",
     "embed_passages",
     "exact_search_numpy",
     "hf_tokenize_fn",
@@ -35,7 +44,10 @@ __all__ = [
     "load_index",
     "merge_topk",
     "passage_inputs",
+    "prefetch",
     "read_passages",
     "split_into_passages",
+    "tokenize_contexts",
+    "train_batch",
     "write_passages_tsv",
 ]

@@ -146,18 +146,20 @@ class _BatchEncoder:
         pad = ((0, self.batch_size - len(passages)), (0, 0))  # repeat the last row: a valid input
         return np.pad(ids_BxS, pad, mode="edge"), np.pad(mask_BxS, pad, mode="edge")
 
-    def encode(self, batches, num_rows: int, dtype) -> np.ndarray:
+    def encode(self, batches, num_rows: int, dtype, on_rows: Callable[[int], object] = lambda n: None) -> np.ndarray:
         """Encode consecutive ``batches`` (``num_rows`` passages in all) into a [num_rows, D] array
-        of ``dtype``."""
+        of ``dtype``; ``on_rows(n)`` is called as each batch's ``n`` rows arrive (progress)."""
         out, row, pending = None, 0, None
         for passages in batches:
             ids_BxS, mask_BxS = self._inputs(passages)
             emb_BxD = self.encode_fn(jax.device_put(ids_BxS, self.sharding), jax.device_put(mask_BxS, self.sharding))
             if pending is not None:  # fetch the previous batch while this one runs
                 out, row = self._collect(pending, out, row, num_rows, dtype)
+                on_rows(pending[1])
             pending = (emb_BxD, len(passages))
         if pending is not None:
             out, row = self._collect(pending, out, row, num_rows, dtype)
+            on_rows(pending[1])
         if row != num_rows:
             raise RuntimeError(f"encoded {row} rows, expected {num_rows}")
         return out
@@ -211,23 +213,27 @@ def embed_passages(
     def rows_of(s: int) -> tuple[int, int]:
         return s * shard_size, min((s + 1) * shard_size, len(store))
 
-    total = sum(stop - start for start, stop in map(rows_of, todo))
-    bar = tqdm(total=total, unit=" passages", unit_scale=True, desc="embedding", disable=not progress, smoothing=0.1)
     dim = manifest["dim"]
+    done = {s for s in todo if os.path.exists(shard_path(out_dir, s))}  # complete (written by rename)
+    for s in done:
+        start, stop = rows_of(s)
+        shape = np.load(shard_path(out_dir, s), mmap_mode="r").shape
+        if shape[0] != stop - start:
+            raise ValueError(f"{shard_path(out_dir, s)} holds {shape[0]} rows, expected {stop - start}")
+        dim = shape[1]
+    total = sum(stop - start for start, stop in map(rows_of, todo))
+    resumed = sum(stop - start for start, stop in map(rows_of, done))  # counted as done, not in the rate/ETA
+    bar = tqdm(total=total, initial=resumed, unit=" passages", unit_scale=True, desc="embedding", disable=not progress,
+               smoothing=0.1)  # fmt: skip
     for s in todo:
+        if s in done:
+            continue
         start, stop = rows_of(s)
         path = shard_path(out_dir, s)
-        if os.path.exists(path):  # complete (written by rename)
-            shape = np.load(path, mmap_mode="r").shape
-            if shape[0] != stop - start:
-                raise ValueError(f"{path} holds {shape[0]} rows, expected {stop - start}")
-            dim = shape[1]
-            bar.update(stop - start)
-            continue
-        out = encoder.encode(store.iter_batches(batch_size, start, stop), stop - start, STORAGE_DTYPES[dtype])
+        batches = store.iter_batches(batch_size, start, stop)
+        out = encoder.encode(batches, stop - start, STORAGE_DTYPES[dtype], on_rows=bar.update)
         dim = out.shape[1]
         _save_shard_atomic(path, out)
-        bar.update(stop - start)
     bar.close()
 
     complete = all(os.path.exists(shard_path(out_dir, s)) for s in range(settings["num_shards"]))
