@@ -65,16 +65,29 @@ def path_str(path) -> str:
 
 
 def maybe_initialize_distributed() -> None:
-    """Start multi-host JAX when launched that way (coordinator address in the environment, or a
-    cluster jax recognises: SLURM, TPU pods); a no-op for single-process runs."""
-    if jax.process_count() > 1 or jax.distributed.is_initialized():
+    """Start multi-host JAX when launched that way; a no-op for single-process runs. Call it before
+    anything touches a JAX device.
+
+    * ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), ``JAX_NUM_PROCESSES`` and
+      ``JAX_PROCESS_ID`` in the environment: an explicit launch (any cluster, or several processes on
+      one machine). CPU processes use gloo collectives.
+    * ``RAG_JAX_DISTRIBUTED=auto``: ``jax.distributed.initialize()`` with jax's cluster detection
+      (SLURM, Open MPI, TPU pods, ...).
+    """
+    if jax.distributed.is_initialized():
         return
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in os.environ]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # accelerators ignore this
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
+    elif os.environ.get("RAG_JAX_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
