@@ -53,6 +53,7 @@ class TrainConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False
     grad_accum_steps: int = 1
+    skip_nonfinite: bool = False
     optimizer: OptimizerConfig = OptimizerConfig()
     seed: int = 0
 
@@ -100,6 +101,7 @@ class Trainer:
         )
         self.graphdef = nnx.split(abstract, nnx.Param, ...)[0]
         _, gen_params, buffers = nnx.split(model.generator.model, nnx.Param, ...)
+        self.source_model = model
         self._initial_params = {
             "query_encoder": model.question_encoder.params,
             "generator": nnx.to_pure_dict(gen_params),
@@ -209,10 +211,13 @@ class Trainer:
             grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
-        metrics = {
-            "loss": total / count,
-            "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
-        }
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        if self.cfg.skip_nonfinite:  # keep the previous parameters and optimizer state
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+            )
+        metrics = {"loss": total / count, "grad_norm": grad_norm, "nonfinite": ~finite}
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
         return new_state, metrics
 
@@ -235,6 +240,15 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
             return self._step(state, sharding.shard_batch(batch, self.mesh))
+
+    def to_model(self, params: dict) -> RagModel:
+        """A ``RagModel`` with the given trainable parameters (for evaluation, generation, export);
+        the generator keeps the source model's float32 graph."""
+        graphdef, gen_params, buffers = nnx.split(self.source_model.generator.model, nnx.Param, ...)
+        nnx.replace_by_pure_dict(gen_params, params["generator"])
+        generator = dataclasses.replace(self.source_model.generator, model=nnx.merge(graphdef, gen_params, buffers))
+        question_encoder = dataclasses.replace(self.source_model.question_encoder, params=params["query_encoder"])
+        return dataclasses.replace(self.source_model, question_encoder=question_encoder, generator=generator)
 
     def eval_loss(self, params, batch) -> jax.Array:
         """Per-example loss without dropout (not jitted here: wrap in ``jax.jit`` as needed)."""

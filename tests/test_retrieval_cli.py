@@ -33,7 +33,7 @@ def run(argv):
     parser = argparse.ArgumentParser(prog="rag-jax")
     commands.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.run(args)
+    return args.handler(args)
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,13 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from rag_jax import sharding
 from rag_jax.config import BartConfig, BertConfig
 from rag_jax.optim import OptimizerConfig
-from rag_jax.rag import init_rag_model
+from rag_jax.rag import init_rag_model, question_vectors
 from rag_jax.train import Trainer, TrainConfig
 
 V, D, K, B, SQ, S, T = 64, 32, 3, 8, 6, 10, 5
@@ -161,3 +162,39 @@ def test_reference_recipe():
     opt = cfg.optimizer
     assert (opt.learning_rate, opt.weight_decay, opt.clip_norm, opt.warmup_steps) == (3e-5, 0.001, 0.1, 500)
     assert dataclasses.replace(cfg, variant="sequence").variant == "sequence"
+
+
+def test_nonfinite_step_is_skipped_or_reported():
+    bad = _batch()
+    bad["doc_embeddings"][0, 0, 0] = np.inf  # doc scores of example 0 become non-finite
+    for skip in (True, False):
+        trainer = Trainer(_model(), _cfg(skip_nonfinite=skip))
+        state = trainer.init_state()
+        state, _ = trainer.train_step(state, _batch())  # warmup: lr 0 at step 0
+        before = _leaves(state.params)
+        state, metrics = trainer.train_step(state, dict(bad))
+        assert bool(metrics["nonfinite"])
+        unchanged = all(np.array_equal(a, b) for a, b in zip(before, _leaves(state.params)))
+        assert unchanged == skip
+        state, metrics = trainer.train_step(state, _batch())
+        assert bool(metrics["nonfinite"]) != skip  # without skipping, NaN parameters stay NaN
+
+
+def test_to_model_carries_trained_parameters():
+    trainer = Trainer(_model(), _cfg())
+    state = trainer.init_state()
+    for _ in range(2):
+        state, _ = trainer.train_step(state, _batch())
+    model = trainer.to_model(state.params)
+    batch = _batch()
+    q = model.question_encoder.encode(batch["question_input_ids"], batch["question_attention_mask"])
+    q_trainer = question_vectors(state.params["query_encoder"], batch["question_input_ids"],
+                                 batch["question_attention_mask"], encoder=trainer.encoder)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(q), np.asarray(q_trainer), atol=1e-6)
+    dec = batch["labels"]
+    logits = model.generator.logits(batch["context_input_ids"][:, 0], batch["context_attention_mask"][:, 0], dec)
+    ref = nnx.merge(trainer.graphdef, state.params["generator"], trainer.buffers)
+    np.testing.assert_allclose(
+        np.asarray(logits), np.asarray(ref(batch["context_input_ids"][:, 0], batch["context_attention_mask"][:, 0], dec)),
+        atol=1e-5,
+    )

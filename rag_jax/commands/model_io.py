@@ -71,8 +71,8 @@ def _convert(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     info = sub.add_parser("info", help="load a transformers folder strictly and describe it")
     info.add_argument("path")
-    info.set_defaults(run=_info)
+    info.set_defaults(handler=_info)
     convert = sub.add_parser("convert", help="load a transformers folder and export it again (round trip)")
     convert.add_argument("path")
     convert.add_argument("out")
-    convert.set_defaults(run=_convert)
+    convert.set_defaults(handler=_convert)

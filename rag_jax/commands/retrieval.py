@@ -116,7 +116,7 @@ def register(sub) -> None:
     embed.add_argument(
         "--strict", action="store_true", help="fail on the first malformed corpus line instead of skipping it"
     )
-    embed.set_defaults(run=_embed)
+    embed.set_defaults(handler=_embed)
 
     build = sub.add_parser(
         "build-index", help="build a MIPS index (ScaNN or exact) over an embedding folder and save it"
@@ -143,4 +143,4 @@ def register(sub) -> None:
         default=None,
         help="scann: exact rescoring of reorder_factor * k candidates (default 10)",
     )
-    build.set_defaults(run=_build_index)
+    build.set_defaults(handler=_build_index)

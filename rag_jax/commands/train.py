@@ -1,0 +1,114 @@
+"""``rag-jax train``, ``rag-jax eval`` and ``rag-jax export``.
+
+    rag-jax train --config experiments/configs/tiny.py --config.train.steps=200
+    rag-jax eval  --run runs/tiny [--split test] [--step N]
+    rag-jax export --run runs/tiny --out exported/ [--format hf] [--link-corpus]
+
+Any ``--config.<field>=<value>`` overrides a field of the config file (see
+``rag_jax.run_config.default_config`` for every field). A run directory holds ``config.json`` (the
+resolved config), ``checkpoints/``, ``metrics.jsonl`` and TensorBoard events under ``tb/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+
+def _run_config(run_dir: str, overrides=()):
+    """The resolved config a run saved next to its checkpoints, with ``overrides`` applied."""
+    import ml_collections
+
+    from rag_jax.checkpointing import read_config
+    from rag_jax.run_config import apply_override
+
+    cfg = ml_collections.ConfigDict(read_config(os.path.join(run_dir, "checkpoints", "config.json")))
+    for override in overrides:
+        apply_override(cfg, override)
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rag_jax import loop
+    from rag_jax.run_config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = loop.train(cfg, progress=not args.no_progress)
+    print(json.dumps({"run_dir": cfg.run_dir, "dev": metrics}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rag_jax import loop
+
+    cfg = _run_config(args.run, args.overrides)
+    model, step = loop.load_trained_model(cfg, args.step)
+    question_tokenizer, generator_tokenizer = loop.tokenizers(cfg)
+    retriever = None
+    if cfg.rag.variant != "closed_book":
+        retriever = loop.build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=cfg.eval.k)
+    examples = loop.read_split(cfg, args.split)
+    result, records = loop.evaluate(cfg, model, examples, generator_tokenizer=generator_tokenizer, retriever=retriever)
+    out = args.predictions or os.path.join(cfg.run_dir, f"predictions_{args.split}_step{step}.jsonl")
+    with open(out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    print(json.dumps({"split": args.split, "step": step, **result, "predictions": out}))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from rag_jax import loop
+    from rag_jax.hf import save_rag_hf
+
+    cfg = _run_config(args.run)
+    if args.format != "hf":
+        raise ValueError(f"--format {args.format!r}: only 'hf' is supported")
+    model, step = loop.load_trained_model(cfg, args.step)
+    save_rag_hf(model, args.out)
+    question_tokenizer, generator_tokenizer = loop.tokenizers(cfg)
+    question_tokenizer.save_pretrained(os.path.join(args.out, "question_encoder_tokenizer"))
+    generator_tokenizer.save_pretrained(os.path.join(args.out, "generator_tokenizer"))
+    if cfg.rag.variant != "closed_book":
+        _place_corpus(cfg, args.out, link=args.link_corpus)
+    print(f"exported step {step} of {args.run} to {args.out}")
+    return 0
+
+
+def _place_corpus(cfg, out: str, *, link: bool) -> None:
+    """The passages, embeddings and index next to the exported model (copies, or symlinks)."""
+    for name, src in (("passages", cfg.corpus.passages), ("embeddings", cfg.corpus.embeddings),
+                      ("index", cfg.corpus.index)):  # fmt: skip
+        dst = os.path.join(out, name if os.path.isdir(src) else name + os.path.splitext(src)[1])
+        if os.path.lexists(dst):
+            shutil.rmtree(dst) if os.path.isdir(dst) and not os.path.islink(dst) else os.remove(dst)
+        if link:
+            os.symlink(os.path.abspath(src), dst)
+        elif os.path.isdir(src):
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+
+def register(sub) -> None:
+    train = sub.add_parser("train", help="train a RAG (or closed-book BART) model from a config file")
+    train.add_argument("--config", required=True, help="path.py or path.py:arg (a file with get_config(arg))")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(handler=_train, overrides_allowed=True)
+
+    evaluate = sub.add_parser("eval", help="evaluate a run's checkpoint on a split (EM, F1, recall@k)")
+    evaluate.add_argument("--run", required=True, help="run directory (holds config.json and checkpoints/)")
+    evaluate.add_argument("--split", default="dev", choices=("dev", "test", "train"))
+    evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    evaluate.add_argument("--predictions", default=None, help="JSONL file for the per-example predictions")
+    evaluate.set_defaults(handler=_eval, overrides_allowed=True)
+
+    export = sub.add_parser("export", help="export a run's checkpoint as a transformers RAG folder")
+    export.add_argument("--run", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--format", default="hf")
+    export.add_argument("--step", type=int, default=None)
+    export.add_argument("--link-corpus", action="store_true", help="symlink passages/embeddings/index instead of copying")
+    export.set_defaults(handler=_export)
+

@@ -1,0 +1,396 @@
+"""The training run a researcher launches: data -> retrieval -> jitted step -> evaluation ->
+checkpoints and logs (``rag-jax train``), and evaluation of a trained run (``rag-jax eval``).
+
+Retrieval happens on the host inside the loop, with the question encoder being trained: the
+encoder used to *retrieve* is refreshed every ``train.retrieval_refresh_every`` steps (1: the
+current encoder, retrieval waits for the previous step; R > 1: retrieval for the next R steps runs in a
+background thread ahead of the device, with an encoder up to R steps old). The doc scores in the
+loss are always recomputed from the *current* encoder inside the step, so the gradient is exact
+for the retrieved set whatever R is.
+
+Determinism: the batch order is a function of (seed, epoch), dropout keys live in the train state,
+and the retrieval encoder snapshot is part of the checkpoint, so a run killed at any step and
+restarted from its last checkpoint produces the same per-step losses as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from rag_jax import checkpointing, data, metrics, sharding
+from rag_jax.metric_writer import MetricWriter
+from rag_jax.optim import OptimizerConfig
+from rag_jax.rag import RagModel
+from rag_jax.train import TrainConfig, Trainer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# -- building the pieces -------------------------------------------------------------------------
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> RagModel:
+    """From a transformers RAG folder, or a question encoder folder + a generator folder."""
+    from rag_jax import load_encoder, load_generator, load_rag
+    from rag_jax.config import RagConfig
+
+    m = cfg.model
+    variant = "token" if cfg.rag.variant == "closed_book" else cfg.rag.variant
+    if m.rag:
+        model = load_rag(m.rag)
+        return dataclasses.replace(model, variant=variant)
+    if not (m.question_encoder and m.generator):
+        raise ValueError("config.model: set `rag` (a RAG folder) or both `question_encoder` and `generator`")
+    rag_cfg = RagConfig(n_docs=cfg.rag.k, max_combined_length=cfg.rag.max_combined_length, prefix=cfg.rag.prefix or None)
+    return RagModel(load_encoder(m.question_encoder), load_generator(m.generator), rag_cfg, variant)
+
+
+def tokenizers(cfg: ml_collections.ConfigDict):
+    """(question tokenizer, generator tokenizer) from the model folders."""
+    from transformers import AutoTokenizer
+
+    m = cfg.model
+    if m.rag:
+        return (
+            AutoTokenizer.from_pretrained(os.path.join(m.rag, "question_encoder_tokenizer")),
+            AutoTokenizer.from_pretrained(os.path.join(m.rag, "generator_tokenizer")),
+        )
+    return AutoTokenizer.from_pretrained(m.question_encoder), AutoTokenizer.from_pretrained(m.generator)
+
+
+def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenizer, *, k: int):
+    from rag_jax.retrieval import PassageStore, Retriever, load_embeddings, load_index
+
+    c = cfg.corpus
+    for field in ("passages", "embeddings", "index"):
+        if not c[field]:
+            raise ValueError(
+                f"config.corpus.{field} is empty: RAG needs a passage file, its embeddings (`rag-jax embed`) "
+                "and an index (`rag-jax build-index`)"
+            )
+    store = PassageStore.open(c.passages)
+    return Retriever(
+        question_encoder=model.question_encoder,
+        question_tokenizer=question_tokenizer,
+        generator_tokenizer=generator_tokenizer,
+        store=store,
+        index=load_index(c.index),
+        embeddings=load_embeddings(c.embeddings, store=store),
+        k=k,
+        max_question_length=cfg.data.max_question_length,
+        max_combined_length=cfg.rag.max_combined_length,
+        prefix=cfg.rag.prefix or None,
+    )
+
+
+def train_config(cfg: ml_collections.ConfigDict) -> TrainConfig:
+    t = cfg.train
+    return TrainConfig(
+        variant=cfg.rag.variant,
+        epsilon=t.epsilon,
+        form=t.form,
+        loss_reduction=t.loss_reduction,
+        freeze_query_encoder=t.freeze_query_encoder,
+        compute_dtype=t.compute_dtype,
+        remat=t.remat,
+        grad_accum_steps=t.grad_accum_steps,
+        skip_nonfinite=t.on_nonfinite == "skip",
+        optimizer=OptimizerConfig(
+            learning_rate=t.learning_rate,
+            warmup_steps=t.warmup_steps,
+            total_steps=t.steps,
+            weight_decay=t.weight_decay,
+            clip_norm=t.clip_norm or None,
+        ),
+        seed=cfg.seed,
+    )
+
+
+def read_split(cfg: ml_collections.ConfigDict, split: str, generator_tokenizer=None) -> list[data.QAExample]:
+    path = cfg.data[split]
+    if not path:
+        raise ValueError(f"config.data.{split} is empty")
+    return data.read_qa(
+        path,
+        format=cfg.data.format or None,
+        strict=cfg.data.strict,
+        target_length=_target_length_fn(generator_tokenizer) if generator_tokenizer is not None else None,
+        max_target_length=cfg.data.max_target_length,
+    ).examples
+
+
+def _target_length_fn(tokenizer):
+    return lambda text: len(tokenizer(text)["input_ids"])
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+
+def label_ids(generator_tokenizer, examples: list[data.QAExample], max_length: int) -> np.ndarray:
+    """``[B, T]`` generator labels: the first gold answer, tokenised (BOS ... EOS), padded."""
+    tok = generator_tokenizer([ex.answers[0] for ex in examples], padding="max_length", truncation=True,
+                              max_length=max_length, return_tensors="np")  # fmt: skip
+    return tok["input_ids"]
+
+
+def closed_book_batch(cfg, generator_tokenizer, examples: list[data.QAExample]) -> dict:
+    q = generator_tokenizer([ex.question for ex in examples], padding="max_length", truncation=True,
+                            max_length=cfg.data.max_source_length, return_tensors="np")  # fmt: skip
+    return {"input_ids": q["input_ids"], "attention_mask": q["attention_mask"],
+            "labels": label_ids(generator_tokenizer, examples, cfg.data.max_target_length)}  # fmt: skip
+
+
+def rag_batch(cfg, retriever, generator_tokenizer, examples: list[data.QAExample], encoder_params) -> dict:
+    retrieved = retriever.retrieve([ex.question for ex in examples], query_encoder_params=encoder_params)
+    return retriever.train_batch(retrieved, label_ids(generator_tokenizer, examples, cfg.data.max_target_length))
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+
+def task_metrics(fmt: str, predictions: list[str], answers: list[tuple[str, ...]]) -> dict:
+    """EM and F1 for every task; BLEU-1 and ROUGE-L for generation targets; label accuracy for FEVER."""
+    result = metrics.qa_metrics(predictions, answers)
+    if fmt == "generation":
+        result.update(bleu1=metrics.bleu1(predictions, answers), rouge_l=metrics.rouge_l(predictions, answers))
+    if fmt == "fever":
+        result["label_accuracy"] = metrics.label_accuracy(predictions, answers)
+    return result
+
+
+def evaluate(cfg, model: RagModel, examples: list[data.QAExample], *, generator_tokenizer, retriever=None,
+             fmt: str = "jsonl", progress: bool = True) -> tuple[dict, list[dict]]:  # fmt: skip
+    """Generate answers for ``examples`` (``cfg.eval``: k, beams, decoding, batch size) and score them
+    (``task_metrics``; with retrieval also ``recall_at_k``: the fraction of questions with a gold
+    answer in a retrieved passage). Every batch is padded to ``eval.batch_size`` so one compiled
+    program serves them all. Returns (metrics, per-example records)."""
+    from rag_jax.decoding import generate_seq2seq
+
+    e = cfg.eval
+    if e.max_examples:
+        examples = examples[: e.max_examples]
+    records = []
+    for start in tqdm(range(0, len(examples), e.batch_size), desc="eval", disable=not progress, leave=False):
+        chunk = examples[start : start + e.batch_size]
+        n = len(chunk)
+        chunk = chunk + [chunk[-1]] * (e.batch_size - n)
+        passages = None
+        if retriever is None:
+            b = closed_book_batch(cfg, generator_tokenizer, chunk)
+            out = generate_seq2seq(model.generator, b["input_ids"], b["attention_mask"],
+                                   num_beams=e.num_beams, max_length=e.max_length)  # fmt: skip
+        else:
+            r = retriever.retrieve([ex.question for ex in chunk], k=e.k,
+                                   query_encoder_params=model.question_encoder.params)  # fmt: skip
+            B, K, S = r.context_input_ids_BxKxS.shape
+            out = model.generate(
+                r.context_input_ids_BxKxS.reshape(B * K, S), r.context_attention_mask_BxKxS.reshape(B * K, S),
+                r.doc_scores_BxK, n_docs=K, decoding=e.decoding, num_beams=e.num_beams, max_length=e.max_length,
+            )  # fmt: skip
+            passages = r.passages
+        texts = generator_tokenizer.batch_decode(np.asarray(out), skip_special_tokens=True)
+        for i, ex in enumerate(chunk[:n]):
+            rec = {"question": ex.question, "answers": list(ex.answers), "prediction": texts[i].strip()}
+            if passages is not None:
+                rec["retrieved"] = [p.title for p in passages[i]]
+                rec["answer_in_top_k"] = metrics.has_answer([p.text for p in passages[i]], ex.answers)
+            records.append(rec)
+    result = task_metrics(fmt, [r["prediction"] for r in records], [tuple(r["answers"]) for r in records])
+    if retriever is not None:
+        result["recall_at_k"] = float(np.mean([r["answer_in_top_k"] for r in records]))
+    return result, records
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A batch being assembled (maybe in the background) for one step, with the data-iterator
+    state right after it was drawn (what a checkpoint after that step records)."""
+
+    future: concurrent.futures.Future
+    examples: list
+    data_state: dict
+
+
+def _step_batches(iterator, examples, make_batch, refresh_every: int, current_encoder, start_step: int
+                  ) -> Iterator[_Pending]:  # fmt: skip
+    """Batches for the steps after ``start_step``. The steps of each window ``(n R, (n + 1) R]`` of
+    ``R = refresh_every`` steps are retrieved in one background thread, ahead of the device, with the
+    encoder ``current_encoder()`` returns when the window starts (windows are aligned to absolute
+    steps, so a resumed run retrieves with the same encoders as an uninterrupted one)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval")
+    step = start_step
+    try:
+        while True:
+            encoder_params = current_encoder()
+            window = []
+            for _ in range(refresh_every - step % refresh_every):  # all submitted now, run in order
+                chosen = [examples[i] for i in next(iterator)]
+                window.append(_Pending(pool.submit(make_batch, chosen, encoder_params), chosen, iterator.state()))
+                step += 1
+            yield from window
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _process_local(tree):
+    """``tree`` usable by this process alone (host-side retrieval and evaluation): itself in a
+    single-process run, the full values gathered from every process otherwise."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def checkpoint_target(trainer: Trainer) -> dict:
+    """The abstract checkpoint of a run: the train state and the retrieval encoder snapshot."""
+    abstract = checkpointing.abstract_train_state(trainer)
+    return {"train": abstract, "retrieval_encoder": abstract.params["query_encoder"]}
+
+
+def load_trained_model(cfg: ml_collections.ConfigDict, step: int | None = None) -> tuple[RagModel, int]:
+    """The model of a run's checkpoint ``step`` (default: the latest readable), read-only."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh.to_dict()))
+    trainer = Trainer(build_model(cfg), train_config(cfg), mesh)
+    directory = os.path.join(cfg.run_dir, "checkpoints")
+    with checkpointing.Checkpointer(directory, save_every=1, keep=1, read_only=True) as ckpt:
+        restored = ckpt.restore(checkpoint_target(trainer), step=step)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    tree, _, restored_step = restored
+    return trainer.to_model(tree["train"].params), restored_step
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
+    """Train (resuming from ``run_dir/checkpoints`` when a checkpoint is there), evaluate on the dev
+    split every ``train.eval_every`` steps and at the end; returns the last dev metrics.
+
+    The checkpoint holds ``{"train": TrainState, "retrieval_encoder": the question-encoder snapshot
+    retrieval uses}`` and the data-iterator position, so a resumed run repeats the same steps."""
+    sharding.maybe_initialize_distributed()
+    t = cfg.train
+    process_count, process_index = jax.process_count(), jax.process_index()
+    if t.batch_size % process_count:
+        raise ValueError(f"train.batch_size {t.batch_size} is not divisible by the {process_count} processes")
+    mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh.to_dict()))
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_size % (batch_ways * t.grad_accum_steps):
+        raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of the mesh's data x fsdp size "
+                         f"{batch_ways} times train.grad_accum_steps {t.grad_accum_steps}")  # fmt: skip
+
+    model = build_model(cfg)
+    question_tokenizer, generator_tokenizer = tokenizers(cfg)
+    closed_book = cfg.rag.variant == "closed_book"
+    retriever = None if closed_book else build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=cfg.rag.k)
+    train_examples = read_split(cfg, "train", generator_tokenizer)
+    dev_examples = read_split(cfg, "dev") if cfg.data.dev else []
+    dev_format = data.detect_format(cfg.data.dev, cfg.data.format or None) if cfg.data.dev else ""
+    # HF fast tokenizers are not thread-safe: evaluation (main thread) gets its own, retrieval ahead
+    # of the step (background thread) keeps the first pair.
+    eval_question_tokenizer, eval_generator_tokenizer = tokenizers(cfg)
+    eval_retriever = None if closed_book else dataclasses.replace(
+        retriever, question_tokenizer=eval_question_tokenizer, generator_tokenizer=eval_generator_tokenizer)
+
+    trainer = Trainer(model, train_config(cfg), mesh)
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(cfg.run_dir, "checkpoints"), save_every=t.save_every, keep=t.keep_checkpoints,
+        best_metric=(t.best_metric or None) if dev_examples else None,
+    )  # fmt: skip
+    ckpt.write_config(cfg.to_dict())
+    iterator = data.BatchIterator(len(train_examples), t.batch_size, seed=cfg.seed,
+                                  process_index=process_index, process_count=process_count)  # fmt: skip
+    restored = ckpt.restore(checkpoint_target(trainer))
+    if restored is None:
+        state, start = trainer.init_state(), 0
+        snapshot = jax.tree.map(jnp.copy, state.params["query_encoder"])
+    else:
+        tree, data_state, start = restored
+        state, snapshot = tree["train"], tree["retrieval_encoder"]
+        iterator.restore(data_state["iterator"])
+        log.info("resumed from the checkpoint of step %d in %s", start, ckpt.directory)
+    # the encoder retrieval uses: a copy (the step donates its state), refreshed every R steps
+    retrieval = {"snapshot": snapshot, "local": _process_local(snapshot)}
+
+    def make_batch(chosen, encoder_params):
+        if closed_book:
+            return closed_book_batch(cfg, generator_tokenizer, chosen)
+        return rag_batch(cfg, retriever, generator_tokenizer, chosen, encoder_params)
+
+    def evaluate_dev(params) -> dict:
+        result, _ = evaluate(cfg, trainer.to_model(_process_local(params)), dev_examples,
+                             generator_tokenizer=eval_generator_tokenizer, retriever=eval_retriever, fmt=dev_format,
+                             progress=progress and process_index == 0)  # fmt: skip
+        return result
+
+    refresh_every = max(int(t.retrieval_refresh_every), 1)
+    writer = MetricWriter(cfg.run_dir, start_step=start)
+    restore_signals = checkpointing.install_preemption_handler()
+    batches = _step_batches(iterator, train_examples, make_batch, refresh_every, lambda: retrieval["local"], start)
+    skipped, dev_metrics, step = 0, {}, start
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not progress or process_index != 0)
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while step < t.steps:
+            item = next(batches)
+            state, step_metrics = trainer.train_step(state, item.future.result())
+            step += 1
+            window_steps += 1
+            if step % refresh_every == 0:
+                retrieval["snapshot"] = jax.tree.map(jnp.copy, state.params["query_encoder"])
+                retrieval["local"] = _process_local(retrieval["snapshot"])
+            if bool(step_metrics["nonfinite"]):
+                where = ", ".join(ex.where for ex in item.examples[:8])
+                if t.on_nonfinite != "skip":
+                    raise NonFiniteLossError(f"non-finite loss or gradient at step {step} (batch examples {where}); "
+                                             f"the last good checkpoint is kept in {ckpt.directory}")  # fmt: skip
+                skipped += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped (batch examples %s)", step, where)
+            if step % t.log_every == 0 or step == t.steps:
+                rate = window_steps * t.batch_size / max(time.perf_counter() - window_start, 1e-9)
+                loss = float(step_metrics["loss"])
+                writer.write(step, {"loss": loss, "grad_norm": float(step_metrics["grad_norm"]),
+                                    "examples_per_s": rate, "skipped_steps": skipped}, prefix="train")  # fmt: skip
+                bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:.1f}")
+                window_start, window_steps = time.perf_counter(), 0
+            bar.update(1)
+            evaluating = bool(dev_examples) and (step % t.eval_every == 0 or step == t.steps)
+            if evaluating:
+                dev_metrics = evaluate_dev(state.params)
+                writer.write(step, dev_metrics, prefix="dev")
+                log.info("step %d dev %s", step, dev_metrics)
+            stop = _any_process(checkpointing.preempted())
+            ckpt.save(step, {"train": state, "retrieval_encoder": retrieval["snapshot"]},
+                      {"iterator": item.data_state}, dev_metrics if evaluating else None,
+                      force=step == t.steps or stop)  # fmt: skip
+            if stop:
+                log.warning("pre-empted (SIGTERM): checkpoint saved at step %d, exiting", step)
+                break
+    finally:
+        bar.close()
+        restore_signals()
+        writer.close()
+        ckpt.close()
+    return dev_metrics
