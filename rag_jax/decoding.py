@@ -504,23 +504,29 @@ def _fast_scores(search: SearchResult, same_BxCxC, doc_scores_BxK) -> jax.Array:
     return jax.nn.logsumexp(jnp.where(same_BxCxC, joint_BxC[:, None, :], -jnp.inf), axis=-1)
 
 
-def _rescoring_chunk(n_candidates: int, n_rows: int, length: int, vocab: int, budget_bytes: int = 2**28) -> int:
-    """Candidates rescored per pass: the largest divisor of C whose float32 logits fit in ``budget_bytes``."""
+def _rescoring_chunk(
+    n_candidates: int, n_rows: int, length: int, vocab: int, most: int, budget_bytes: int = 2**28
+) -> int:
+    """Candidates rescored per pass: the largest divisor of C, at most ``most``, whose float32 logits fit in
+    ``budget_bytes``."""
     fits = [
         c
-        for c in range(1, n_candidates + 1)
+        for c in range(1, min(most, n_candidates) + 1)
         if n_candidates % c == 0 and c * n_rows * length * vocab * 4 <= budget_bytes
     ]
     return max(fits, default=1)
 
 
-def _thorough_scores(model, base, candidates_BxCxL, doc_scores_BxK, *, pad_token_id, bos_token_id, epsilon):
+def _thorough_scores(
+    model, base, candidates_BxCxL, doc_scores_BxK, n_live, *, chunk_limit, pad_token_id, bos_token_id, epsilon
+):
     """``-loss`` of every candidate: ``RagSequenceForGeneration``'s forward with the candidate as labels over
     the question's K documents (``exclude_bos_score=True`` when every candidate of the question has BOS
-    as its first target), computed in passes over chunks of candidates."""
+    as its first target), computed in passes over chunks of at most ``chunk_limit`` candidates. Passes
+    that hold only candidates ``>= n_live`` (an int32 scalar) are skipped: those candidates score -inf."""
     b, c, length = candidates_BxCxL.shape
     k = doc_scores_BxK.shape[1]
-    chunk = _rescoring_chunk(c, b * k, length, model.config.vocab_size)
+    chunk = _rescoring_chunk(c, b * k, length, model.config.vocab_size, chunk_limit)
     rows_R = jnp.broadcast_to(jnp.arange(b * k).reshape(1, b, k), (chunk, b, k)).reshape(-1)  # rows (c, b, k)
     cache = _cache_rows(base, rows_R, length)
     scores_RxK = jnp.broadcast_to(doc_scores_BxK, (chunk, b, k)).reshape(chunk * b, k)
@@ -542,8 +548,14 @@ def _thorough_scores(model, base, candidates_BxCxL, doc_scores_BxK, *, pad_token
             per_row(logits_cBxKxLxV, scores_RxK, labels_cBxL, True).reshape(chunk, b),
         )
 
+    def losses_unless_dead(start_and_labels):
+        start, labels_cxBxL = start_and_labels
+        dead = jnp.full((chunk, b), jnp.inf, jnp.float32)
+        return jax.lax.cond(start < n_live, losses, lambda _: (dead, dead), labels_cxBxL)
+
     labels_PxcxBxL = candidates_BxCxL.transpose(1, 0, 2).reshape(c // chunk, chunk, b, length)
-    with_bos_PxcxB, without_bos_PxcxB = jax.lax.map(losses, labels_PxcxBxL)
+    starts_P = jnp.arange(c // chunk, dtype=jnp.int32) * chunk
+    with_bos_PxcxB, without_bos_PxcxB = jax.lax.map(losses_unless_dead, (starts_P, labels_PxcxBxL))
     with_bos_BxC, without_bos_BxC = (x.reshape(c, b).T for x in (with_bos_PxcxB, without_bos_PxcxB))
     exclude_B = jnp.zeros((b,), bool)
     if bos_token_id is not None:
@@ -593,8 +605,14 @@ def rag_sequence_search(
     if decoding == "fast":
         scores_BxC = jnp.where(first_BxC, _fast_scores(per_doc, same_BxCxC, doc_scores_BxK), -jnp.inf)
     elif decoding == "thorough":
+        n_live, chunk_limit = jnp.int32(c), c
+        if do_deduplication:  # distinct candidates first (in order), so passes over duplicates only are skipped
+            order_BxC = jnp.argsort(jnp.where(first_BxC, 0, 1), axis=1, stable=True)
+            candidates_BxCxL = _gather_beams(candidates_BxCxL, order_BxC)
+            first_BxC = _gather_beams(first_BxC, order_BxC)
+            n_live, chunk_limit = jnp.max(jnp.sum(first_BxC, axis=1, dtype=jnp.int32)), options.num_beams
         scores_BxC = _thorough_scores(
-            model, base, candidates_BxCxL, doc_scores_BxK,
+            model, base, candidates_BxCxL, doc_scores_BxK, n_live, chunk_limit=chunk_limit,
             pad_token_id=pad_token_id, bos_token_id=bos_token_id, epsilon=epsilon,
         )  # fmt: skip
         if do_deduplication:
