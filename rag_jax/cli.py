@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMAND_MODULES = ("model_io", "retrieval", "train")
+COMMAND_MODULES = ("model_io", "retrieval", "train", "quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:

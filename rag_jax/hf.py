@@ -16,7 +16,7 @@ import numpy as np
 from rag_jax.config import BartConfig, BertConfig, RagConfig
 from rag_jax.convert.bart import bart_from_hf, bart_state_to_hf
 from rag_jax.convert.bert import bert_params_from_hf, bert_params_to_hf
-from rag_jax.convert.common import CheckpointKeyError, read_config, read_state_dict, write_config, write_state_dict
+from rag_jax.convert.common import CheckpointKeyError, model_folder, read_config, read_state_dict, write_config, write_state_dict
 from rag_jax.models import encoder as encoder_lib
 from rag_jax.models import generator as generator_lib
 from rag_jax.models.encoder import Encoder
@@ -43,8 +43,8 @@ def _question_encoder_kind(qe_config: dict, where: str) -> str:
 def load_rag(path: str | os.PathLike) -> RagModel:
     """A ``RagModel`` from a transformers RAG folder (question encoder + generator), strictly:
     every key must belong to the question encoder or the generator and every expected key be
-    present."""
-    folder = os.fspath(path)
+    present. A hub id is downloaded where the network allows."""
+    folder = model_folder(path)
     hf_config = read_config(folder)
     if hf_config.get("model_type") != "rag":
         raise ValueError(f"{folder}: config.json has model_type {hf_config.get('model_type')!r}, expected 'rag'")

@@ -107,6 +107,7 @@ def train_config(cfg: ml_collections.ConfigDict) -> TrainConfig:
         form=t.form,
         loss_reduction=t.loss_reduction,
         freeze_query_encoder=t.freeze_query_encoder,
+        query_encoder_learning_rate=t.query_encoder_learning_rate,
         compute_dtype=t.compute_dtype,
         remat=t.remat,
         grad_accum_steps=t.grad_accum_steps,

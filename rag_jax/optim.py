@@ -1,12 +1,13 @@
 """The optimizer: AdamW with linear warmup then polynomial (linear by default) decay, global-norm
-clipping, weight decay only on matrices, and frozen parameter groups that get no update and no
-optimizer state.
+clipping, weight decay only on matrices, parameter groups with their own peak learning rate, and
+frozen groups that get no update and no optimizer state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import optax
@@ -60,27 +61,26 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, trainable: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
-    """AdamW + clipping. ``trainable(params)`` gives a pytree of bools (same structure as params);
-    parameters marked False are frozen: zero update and no Adam moments."""
-    transforms = []
-    if cfg.clip_norm is not None:
-        transforms.append(optax.clip_by_global_norm(cfg.clip_norm))
-    transforms.append(
-        optax.adamw(
-            learning_rate_schedule(cfg),
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=weight_decay_mask,
-        )
-    )
-    tx = optax.chain(*transforms)
-    if trainable is None:
-        return tx
+def make_optimizer(
+    cfg: OptimizerConfig,
+    group_of: Callable[[Any], Any] | None = None,
+    learning_rates: Mapping[str, float] | None = None,
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on ``cfg``'s schedule.
 
-    def labels(params):
-        return jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))
+    ``group_of(params)`` gives a pytree of group names (the structure of params): parameters in the
+    group "frozen" get zero updates and no Adam moments; every other group is trained with the peak
+    learning rate ``learning_rates[group]`` (default ``cfg.learning_rate``), same warmup and decay.
+    The clipping norm is taken over all gradients together."""
+    clip = [] if cfg.clip_norm is None else [optax.clip_by_global_norm(cfg.clip_norm)]
 
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    def adamw(learning_rate: float) -> optax.GradientTransformation:
+        schedule = learning_rate_schedule(dataclasses.replace(cfg, learning_rate=learning_rate))
+        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                           mask=weight_decay_mask)  # fmt: skip
+
+    if group_of is None:
+        return optax.chain(*clip, adamw(cfg.learning_rate))
+    groups = {"train": adamw(cfg.learning_rate), "frozen": optax.set_to_zero()}
+    groups.update({name: adamw(rate) for name, rate in (learning_rates or {}).items()})
+    return optax.chain(*clip, optax.multi_transform(groups, group_of))

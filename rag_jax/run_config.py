@@ -59,6 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
         form=objective.TRAINING_FORM,
         loss_reduction="mean",
         freeze_query_encoder=False,
+        query_encoder_learning_rate=ml_collections.config_dict.placeholder(float),  # None: learning_rate
         compute_dtype="float32",
         remat=False,
         grad_accum_steps=1,

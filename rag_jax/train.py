@@ -50,6 +50,7 @@ class TrainConfig:
     form: objective.Form = objective.TRAINING_FORM
     loss_reduction: Literal["mean", "sum"] = "mean"
     freeze_query_encoder: bool = False
+    query_encoder_learning_rate: float | None = None  # None: the optimizer's learning rate
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False
     grad_accum_steps: int = 1
@@ -75,14 +76,21 @@ class TrainState:
     rng: jax.Array
 
 
-def _trainable(freeze_query_encoder: bool):
-    def labels(params):
-        return {
-            name: jax.tree.map(lambda _: not (freeze_query_encoder and name == "query_encoder"), tree)
-            for name, tree in params.items()
-        }
+def _param_groups(cfg: "TrainConfig"):
+    """The optimizer group of every parameter: the query encoder is "frozen" when frozen or unused
+    (closed-book), "query_encoder" when it has its own learning rate; everything else "train"."""
 
-    return labels
+    def group(name: str) -> str:
+        if name == "query_encoder" and (cfg.freeze_query_encoder or cfg.variant == "closed_book"):
+            return "frozen"
+        if name == "query_encoder" and cfg.query_encoder_learning_rate is not None:
+            return "query_encoder"
+        return "train"
+
+    def groups(params):
+        return {name: jax.tree.map(lambda _, g=group(name): g, tree) for name, tree in params.items()}
+
+    return groups
 
 
 class Trainer:
@@ -108,7 +116,8 @@ class Trainer:
         }
         replicated = NamedSharding(self.mesh, P())
         self.buffers = jax.device_put(nnx.to_pure_dict(buffers), replicated)
-        self.tx = make_optimizer(cfg.optimizer, _trainable(cfg.freeze_query_encoder))
+        rates = {} if cfg.query_encoder_learning_rate is None else {"query_encoder": cfg.query_encoder_learning_rate}
+        self.tx = make_optimizer(cfg.optimizer, _param_groups(cfg), rates)
         self._step = None
 
     # -- state ---------------------------------------------------------------------------------

@@ -86,6 +86,30 @@ def test_frozen_query_encoder_does_not_move():
     assert any(not np.array_equal(a, b) for a, b in zip(before_gen, _leaves(state.params["generator"])))
 
 
+def _two_steps_deltas(cfg, batch):
+    trainer = Trainer(_model(), cfg)
+    state = trainer.init_state()
+    before = {name: _leaves(tree) for name, tree in state.params.items()}
+    for _ in range(2):  # the warmup's first learning rate is 0
+        state, _ = trainer.train_step(state, dict(batch))
+    return {name: [b - a for a, b in zip(before[name], _leaves(tree))] for name, tree in state.params.items()}
+
+
+def test_query_encoder_learning_rate_scales_its_updates_only():
+    base = _two_steps_deltas(_cfg(), _batch())
+    slow = _two_steps_deltas(_cfg(query_encoder_learning_rate=3e-4), _batch())  # a tenth of 3e-3
+    for a, b in zip(base["query_encoder"], slow["query_encoder"]):
+        np.testing.assert_allclose(b, a / 10, rtol=1e-4, atol=2e-7)  # deltas of O(1) float32 parameters
+    for a, b in zip(base["generator"], slow["generator"]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-9)
+
+
+def test_closed_book_leaves_the_unused_query_encoder_alone():
+    deltas = _two_steps_deltas(_cfg(variant="closed_book"), _batch(closed_book=True))
+    assert all(not d.any() for d in deltas["query_encoder"])  # no weight decay drift either
+    assert any(d.any() for d in deltas["generator"])
+
+
 def test_gradient_accumulation_equals_one_big_batch():
     results = []
     for accum in (1, 2):

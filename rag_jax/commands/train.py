@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 
 
 def _run_config(run_dir: str, overrides=()):
@@ -59,36 +58,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from rag_jax import loop
-    from rag_jax.hf import save_rag_hf
+    from rag_jax.export import export_run
 
-    cfg = _run_config(args.run)
     if args.format != "hf":
         raise ValueError(f"--format {args.format!r}: only 'hf' is supported")
-    model, step = loop.load_trained_model(cfg, args.step)
-    save_rag_hf(model, args.out)
-    question_tokenizer, generator_tokenizer = loop.tokenizers(cfg)
-    question_tokenizer.save_pretrained(os.path.join(args.out, "question_encoder_tokenizer"))
-    generator_tokenizer.save_pretrained(os.path.join(args.out, "generator_tokenizer"))
-    if cfg.rag.variant != "closed_book":
-        _place_corpus(cfg, args.out, link=args.link_corpus)
+    step, notes = export_run(_run_config(args.run), args.out, step=args.step, link_corpus=args.link_corpus)
+    for note in notes:
+        print("note:", note)
     print(f"exported step {step} of {args.run} to {args.out}")
     return 0
-
-
-def _place_corpus(cfg, out: str, *, link: bool) -> None:
-    """The passages, embeddings and index next to the exported model (copies, or symlinks)."""
-    for name, src in (("passages", cfg.corpus.passages), ("embeddings", cfg.corpus.embeddings),
-                      ("index", cfg.corpus.index)):  # fmt: skip
-        dst = os.path.join(out, name if os.path.isdir(src) else name + os.path.splitext(src)[1])
-        if os.path.lexists(dst):
-            shutil.rmtree(dst) if os.path.isdir(dst) and not os.path.islink(dst) else os.remove(dst)
-        if link:
-            os.symlink(os.path.abspath(src), dst)
-        elif os.path.isdir(src):
-            shutil.copytree(src, dst)
-        else:
-            shutil.copy2(src, dst)
 
 
 def register(sub) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -30,6 +31,28 @@ def _describe(keys: Iterable[str], limit: int = 20) -> str:
     shown = ", ".join(keys[:limit])
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return shown + more
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def model_folder(path: str | os.PathLike) -> str:
+    """``path`` if it is a local folder; a hub id (``org/name``) is downloaded with huggingface_hub
+    where the network allows, and otherwise fails with a message saying to pass a local folder."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    if not os.path.exists(path) and _HUB_ID.fullmatch(path):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(path)
+        except Exception as e:  # no network, unknown repo, hub disabled...
+            raise FileNotFoundError(
+                f"{path!r} is not a local folder and could not be downloaded from the Hugging Face hub "
+                f"({type(e).__name__}: {e}); pass the path of a local model folder"
+            ) from e
+    raise FileNotFoundError(f"{path!r} is not a local model folder")
 
 
 def read_config(folder: str) -> dict:

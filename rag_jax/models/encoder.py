@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 from typing import Any
 
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 
 from rag_jax.config import BertConfig
 from rag_jax.convert.bert import bert_params_from_hf, bert_params_to_hf
-from rag_jax.convert.common import read_config, read_state_dict, write_config, write_state_dict
+from rag_jax.convert.common import model_folder, read_config, read_state_dict, write_config, write_state_dict
 from rag_jax.models.bert import Params, dense, encode
 
 POOLINGS = ("cls", "mean", "mean_normalized")
@@ -54,7 +53,6 @@ ST_LEGACY_POOLING = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,24 +150,6 @@ class Encoder:
 # Loading
 
 
-def _local_folder(path: str | os.PathLike) -> str:
-    """``path`` if it is a folder; a hub id is tried with huggingface_hub (fails offline)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return path
-    if not os.path.exists(path) and _HUB_ID.fullmatch(path):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return snapshot_download(path)
-        except Exception as e:  # no network, unknown repo, hub disabled...
-            raise FileNotFoundError(
-                f"{path!r} is not a local folder and could not be downloaded from the Hugging Face hub "
-                f"({type(e).__name__}: {e}); pass the path of a local model folder"
-            ) from e
-    raise FileNotFoundError(f"{path!r} is not a local model folder")
-
-
 def _module_class(module: dict) -> str:
     return module["type"].rsplit(".", 1)[-1]
 
@@ -226,7 +206,7 @@ def load_encoder(path: str | os.PathLike, pooling: str | None = None) -> Encoder
     ``pooling`` overrides the kind's default (DPR and BertModel: "cls"; sentence-transformers: what
     its Pooling/Normalize modules say). Keys are checked strictly against the config.
     """
-    folder = _local_folder(path)
+    folder = model_folder(path)
     st = _read_sentence_transformers(folder)
     bert_folder = st[0] if st else folder
     hf_config = read_config(bert_folder)

@@ -12,7 +12,7 @@ from flax import nnx
 
 from rag_jax.config import BartConfig
 from rag_jax.convert.bart import bart_from_hf, bart_state_to_hf
-from rag_jax.convert.common import read_config, read_state_dict, write_config, write_state_dict
+from rag_jax.convert.common import model_folder, read_config, read_state_dict, write_config, write_state_dict
 from rag_jax.models.bart import Bart
 
 TOKENIZER_FILES = (
@@ -54,7 +54,9 @@ class Generator:
 
 
 def load_generator(path: str, *, dtype=None, param_dtype=jnp.float32, remat: bool = False) -> Generator:
-    """Load a transformers ``BartForConditionalGeneration`` folder (config.json + weights), strictly."""
+    """Load a transformers ``BartForConditionalGeneration`` folder (config.json + weights), strictly;
+    a hub id is downloaded where the network allows."""
+    path = model_folder(path)
     hf_config = read_config(path)
     cfg = BartConfig.from_hf(hf_config)
     model = bart_from_hf(read_state_dict(path), cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
