@@ -16,6 +16,7 @@ size reading the generator's word-level tokenizer (clearly labelled in ``TaskPat
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 
@@ -208,8 +209,8 @@ class Settings:
     @classmethod
     def small(cls) -> "Settings":
         """A few-minute version for tests: fewer people and steps, the query encoder frozen."""
-        return cls(entities=100, pretrain_steps=200, steps=80, batch_size=16, query_encoder_learning_rate=None,
-                   dev_examples=40, eval_batch_size=40)  # fmt: skip
+        return cls(entities=300, pretrain_steps=200, steps=100, query_encoder_learning_rate=None, dev_examples=40,
+                   eval_batch_size=40)  # fmt: skip
 
 
 def settings_config(paths: TaskPaths, variant: str, run_dir: str, s: Settings) -> ml_collections.ConfigDict:
@@ -233,7 +234,6 @@ def pretrain_generator(paths: TaskPaths, out: str, s: Settings, *, progress: boo
     """Train the initial generator to reproduce the corpus passages (``closed_book`` on
     ``{"input": "title / text", "target": its first tokens}``) with the training loop; returns the
     folder of the exported generator (the start of every model)."""
-    import json
 
     from rag_jax import loop
     from rag_jax.export import export_run
@@ -377,7 +377,6 @@ def run(out: str, s: Settings = Settings(), *, progress: bool = True) -> dict:
     """The whole quickstart into ``out``: task -> recall before -> train the three models -> test
     metrics -> HF export -> plot and tables -> hot-swap. Returns the measured results (also written
     to ``out/results.json`` and ``out/results.md``, the plot to ``out/training_curves.png``)."""
-    import json
     import time
 
     from rag_jax import loop
@@ -395,6 +394,8 @@ def run(out: str, s: Settings = Settings(), *, progress: bool = True) -> dict:
     stage(f"2/7 pretrain the generator on the passages (autoencoder, {s.pretrain_steps} steps)")
     paths = dataclasses.replace(paths, generator=pretrain_generator(paths, os.path.join(out, "pretrain"), s,
                                                                     progress=progress))  # fmt: skip
+    with open(os.path.join(out, "task", "paths.json"), "w") as f:
+        json.dump(dataclasses.asdict(paths), f, indent=2)  # for experiments/configs/quickstart.py
     configs = {v: settings_config(paths, v, os.path.join(out, "runs", v), s) for v in VARIANTS}
     token_cfg = configs["token"]
     initial = loop.build_model(token_cfg)

@@ -4,7 +4,13 @@ answers questions about held-out people that closed-book BART cannot."""
 import json
 import os
 
+import pytest
+
 from rag_jax import quickstart
+
+# About 10 minutes on 2 cores: outside the default suite, run with RAG_JAX_QUICKSTART_TEST=1.
+pytestmark = pytest.mark.skipif(os.environ.get("RAG_JAX_QUICKSTART_TEST") != "1",
+                                reason="the quickstart pipeline test is slow; set RAG_JAX_QUICKSTART_TEST=1")  # fmt: skip
 
 
 def test_small_quickstart_rag_beats_closed_book(tmp_path):
