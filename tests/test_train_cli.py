@@ -172,11 +172,11 @@ def free_port() -> int:
 
 def test_two_processes_train_like_one(task, tmp_path, capsys):
     """Two ``rag-jax train`` processes (2 CPU devices each, gloo collectives, loopback coordinator)
-    give the per-step losses of one process (this one, 8 devices) with the same global batch; only
-    process 0 writes logs; the checkpoint restores in a single process (``rag-jax eval``)."""
+    give the per-step losses of one process with the same 4 devices' mesh and global batch; only
+    process 0 writes logs; the checkpoint restores in a single process (``rag-jax eval``, 8 devices)."""
     settings = ["--no-progress", "--config.train.steps=4", "--config.train.eval_every=4"]
     single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
-    assert cli.main(["train", "--config", write_config(task, tmp_path, single_dir), *settings]) == 0
+    single_process = rag_jax_process(["train", "--config", write_config(task, tmp_path, single_dir), *settings], 4)
 
     (tmp_path / "m").mkdir()
     spec = write_config(task, tmp_path / "m", multi_dir)
@@ -184,11 +184,15 @@ def test_two_processes_train_like_one(task, tmp_path, capsys):
     cluster = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2"}
     processes = [rag_jax_process(["train", "--config", spec, *settings], 2, **cluster, JAX_PROCESS_ID=str(i))
                  for i in range(2)]  # fmt: skip
-    for p in processes:
+    for p in [single_process, *processes]:
         finish(p)
     single, multi = losses(single_dir), losses(multi_dir)
     assert sorted(multi) == [1, 2, 3, 4]
-    np.testing.assert_allclose([multi[s] for s in range(1, 5)], [single[s] for s in range(1, 5)], rtol=1e-5)
+    # The first step's loss (same parameters, same global batch) agrees to float32 rounding; later steps
+    # differ only by the collectives' summation order, which Adam's division by sqrt(v) amplifies
+    # (see ADAM_ATOL in test_train.py).
+    np.testing.assert_allclose(multi[1], single[1], rtol=2e-6)
+    np.testing.assert_allclose([multi[s] for s in range(2, 5)], [single[s] for s in range(2, 5)], rtol=1e-4)
     steps_logged = [r["step"] for r in read_metrics(multi_dir) if "train/loss" in r]
     assert steps_logged == [1, 2, 3, 4]  # one writer
     capsys.readouterr()
