@@ -42,6 +42,9 @@ def export_run(cfg: ml_collections.ConfigDict, out: str, *, step: int | None = N
             "encoder (DPR: [CLS]) cannot express; the generator, and the loss given doc scores, are exact; the "
             f"question encoder with its pooling is in {out}/question_encoder (sentence-transformers)"
         )
+    if cfg.corpus.retriever == "bm25":
+        notes.append("the run retrieved with BM25, which transformers' RagRetriever (dense MIPS) cannot express: the "
+                     "generator is exact; retrieve with rag_jax (corpus.retriever=bm25) to reproduce the run")  # fmt: skip
     place_corpus(cfg, out, link=link_corpus)
     return step, notes
 
@@ -50,6 +53,8 @@ def place_corpus(cfg: ml_collections.ConfigDict, out: str, *, link: bool) -> Non
     """The passages, embeddings and index of ``cfg.corpus`` next to an exported model."""
     for name, src in (("passages", cfg.corpus.passages), ("embeddings", cfg.corpus.embeddings),
                       ("index", cfg.corpus.index)):  # fmt: skip
+        if not src:  # a BM25 run has no embeddings or index
+            continue
         dst = os.path.join(out, name if os.path.isdir(src) else name + os.path.splitext(src)[1])
         if os.path.islink(dst) or os.path.isfile(dst):
             os.remove(dst)

@@ -4,7 +4,8 @@ checkpoints and logs (``rag-jax train``), and evaluation of a trained run (``rag
 Retrieval happens on the host inside the loop, with the question encoder being trained: the
 encoder used to *retrieve* is refreshed every ``train.retrieval_refresh_every`` steps (1: the
 current encoder, retrieval waits for the previous step; R > 1: retrieval for the next R steps runs in a
-background thread ahead of the device, with an encoder up to R steps old). The doc scores in the
+background thread ahead of the device, with an encoder up to R steps old; with the encoder frozen, or
+closed-book, batches are always prepared ``LOOKAHEAD_STEPS`` ahead). The doc scores in the
 loss are always recomputed from the *current* encoder inside the step, so the gradient is exact
 for the retrieved set whatever R is.
 
@@ -36,6 +37,8 @@ from rag_jax.rag import RagModel
 from rag_jax.train import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
+
+LOOKAHEAD_STEPS = 8  # batches prepared ahead of the device when retrieval cannot change
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,23 +78,30 @@ def tokenizers(cfg: ml_collections.ConfigDict):
 
 
 def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenizer, *, k: int):
-    from rag_jax.retrieval import PassageStore, Retriever, load_embeddings, load_index
+    from rag_jax.retrieval import BM25Index, PassageStore, Retriever, load_embeddings, load_index
 
     c = cfg.corpus
-    for field in ("passages", "embeddings", "index"):
+    if c.retriever not in ("dense", "bm25"):
+        raise ValueError(f"config.corpus.retriever must be 'dense' or 'bm25', got {c.retriever!r}")
+    fields = ("passages",) if c.retriever == "bm25" else ("passages", "embeddings", "index")
+    for field in fields:
         if not c[field]:
             raise ValueError(
                 f"config.corpus.{field} is empty: RAG needs a passage file, its embeddings (`rag-jax embed`) "
                 "and an index (`rag-jax build-index`)"
             )
     store = PassageStore.open(c.passages)
+    if c.retriever == "bm25":
+        index, embeddings = BM25Index.build(store.get_many(np.arange(len(store)))), None
+    else:
+        index, embeddings = load_index(c.index), load_embeddings(c.embeddings, store=store)
     return Retriever(
         question_encoder=model.question_encoder,
         question_tokenizer=question_tokenizer,
         generator_tokenizer=generator_tokenizer,
         store=store,
-        index=load_index(c.index),
-        embeddings=load_embeddings(c.embeddings, store=store),
+        index=index,
+        embeddings=embeddings,
         k=k,
         max_question_length=cfg.data.max_question_length,
         max_combined_length=cfg.rag.max_combined_length,
@@ -106,7 +116,7 @@ def train_config(cfg: ml_collections.ConfigDict) -> TrainConfig:
         epsilon=t.epsilon,
         form=t.form,
         loss_reduction=t.loss_reduction,
-        freeze_query_encoder=t.freeze_query_encoder,
+        freeze_query_encoder=t.freeze_query_encoder or cfg.corpus.retriever == "bm25",
         query_encoder_learning_rate=t.query_encoder_learning_rate,
         compute_dtype=t.compute_dtype,
         remat=t.remat,
@@ -347,6 +357,8 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
         return result
 
     refresh_every = max(int(t.retrieval_refresh_every), 1)
+    if closed_book or trainer.cfg.freeze_query_encoder:  # retrieval never changes: run it ahead of the steps
+        refresh_every = max(refresh_every, LOOKAHEAD_STEPS)
     writer = MetricWriter(cfg.run_dir, start_step=start)
     restore_signals = checkpointing.install_preemption_handler()
     batches = _step_batches(iterator, train_examples, make_batch, refresh_every, lambda: retrieval["local"], start)

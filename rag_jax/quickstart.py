@@ -15,6 +15,7 @@ size reading the generator's word-level tokenizer (clearly labelled in ``TaskPat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -179,7 +180,7 @@ class Settings:
     the passage's first ``pretrain_target_length`` tokens; BART's denoising objective without the
     noise) for ``pretrain_steps``; all three models start from it. A randomly initialised generator
     does not discover copying an answer out of a retrieved passage within a CPU budget; one that has
-    learned to reproduce passages does within ~50 RAG steps (experiments/results/kb_probe.md)."""
+    learned to reproduce passages does within ~50 RAG steps (experiments/RESULTS.md, quickstart)."""
 
     entities: int = 1000
     seed: int = 0
@@ -204,13 +205,14 @@ class Settings:
     max_target_length: int = 4
     eval_batch_size: int = 100
     dev_examples: int = 200
+    dev_evaluations: int = 3  # during each training run (the last at its end)
     edit_fraction: float = 0.5
 
     @classmethod
     def small(cls) -> "Settings":
         """A few-minute version for tests: fewer people and steps, the query encoder frozen."""
         return cls(entities=300, pretrain_steps=200, steps=100, query_encoder_learning_rate=None, dev_examples=40,
-                   eval_batch_size=40)  # fmt: skip
+                   dev_evaluations=1, eval_batch_size=40)  # fmt: skip
 
 
 def settings_config(paths: TaskPaths, variant: str, run_dir: str, s: Settings) -> ml_collections.ConfigDict:
@@ -224,10 +226,17 @@ def settings_config(paths: TaskPaths, variant: str, run_dir: str, s: Settings) -
                "query_encoder_learning_rate": s.query_encoder_learning_rate,
                "freeze_query_encoder": s.query_encoder_learning_rate is None, "warmup_steps": s.warmup_steps,
                "weight_decay": s.weight_decay, "clip_norm": 1.0, "epsilon": 0.0, "log_every": max(1, s.steps // 50),
-               "eval_every": max(1, s.steps // 3), "save_every": s.steps, "keep_checkpoints": 1},
+               "eval_every": max(1, s.steps // s.dev_evaluations), "save_every": s.steps, "keep_checkpoints": 1},
         eval={"k": s.k, "batch_size": s.eval_batch_size, "max_length": s.max_target_length + 2,
               "max_examples": s.dev_examples},
     )  # fmt: skip
+
+
+def every_example(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``cfg`` evaluating every example (``eval.max_examples`` limits the dev evaluations in training)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.max_examples = 0
+    return cfg
 
 
 def pretrain_generator(paths: TaskPaths, out: str, s: Settings, *, progress: bool = True) -> str:
@@ -412,7 +421,7 @@ def run(out: str, s: Settings = Settings(), *, progress: bool = True) -> dict:
         loop.train(configs[variant], progress=progress)
         train_s = time.perf_counter() - t0
         model, _ = loop.load_trained_model(configs[variant])
-        metrics, _ = loop.evaluate(configs[variant], model, test, generator_tokenizer=generator_tokenizer,
+        metrics, _ = loop.evaluate(every_example(configs[variant]), model, test, generator_tokenizer=generator_tokenizer,
                                    retriever=None if variant == "closed_book" else retriever,
                                    progress=progress)  # fmt: skip
         models[variant], trained[variant] = {**metrics, "train_s": train_s}, model
@@ -424,7 +433,8 @@ def run(out: str, s: Settings = Settings(), *, progress: bool = True) -> dict:
     _plot(os.path.join(out, "training_curves.png"), {v: c.run_dir for v, c in configs.items()})
 
     stage("7/7 index hot-swap: edit facts, re-embed, swap the index, ask again")
-    hot_swap = _hot_swap(out, s, paths, token_cfg, trained["token"], retriever, generator_tokenizer, progress)
+    hot_swap = _hot_swap(out, s, paths, every_example(token_cfg), trained["token"], retriever, generator_tokenizer,
+                         progress)  # fmt: skip
 
     kb = synthetic_kb.generate_kb(s.entities, s.seed)
     result = {

@@ -36,6 +36,8 @@ def default_config() -> ml_collections.ConfigDict:
         passages="",  # DPR tsv or JSONL passages
         embeddings="",  # `rag-jax embed` output directory
         index="",  # `rag-jax build-index` output directory
+        retriever="dense",  # dense (q . d over the index) | bm25 (built in memory from the passages; the
+        # question encoder is frozen and the BM25 scores are the retrieval logits)
     )
     c.model = dict(
         rag="",  # a transformers RAG folder; or the two parts below
@@ -95,6 +97,18 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     if not hasattr(module, "get_config"):
         raise AttributeError(f"{path} defines no get_config(arg)")
     config = module.get_config(arg) if arg else module.get_config()
+    for override in overrides:
+        apply_override(config, override)
+    return config
+
+
+def saved_run_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """The resolved config a run saved next to its checkpoints (over ``default_config``, so fields
+    added since the run take their defaults), with ``overrides`` applied."""
+    from rag_jax.checkpointing import read_config
+
+    config = default_config()
+    config.update(read_config(os.path.join(run_dir, "checkpoints", "config.json")))
     for override in overrides:
         apply_override(config, override)
     return config

@@ -11,7 +11,8 @@ Batches are dicts of arrays:
 
 * RAG: ``question_input_ids`` / ``question_attention_mask`` ``[B, Sq]``, ``doc_embeddings``
   ``[B, K, D]``, ``context_input_ids`` / ``context_attention_mask`` ``[B, K, S]``, ``labels``
-  ``[B, T]``;
+  ``[B, T]``; from a fixed retriever (BM25), ``doc_scores`` ``[B, K]`` instead of the question ids
+  and doc embeddings (the loss then gives the question encoder no gradient: freeze it);
 * closed-book (``variant="closed_book"``, the paper's BART baseline, k = 0): ``input_ids`` /
   ``attention_mask`` ``[B, S]`` (the question alone) and ``labels``.
 """
@@ -164,14 +165,17 @@ class Trainer:
             return objective.seq2seq_nll(
                 logits_BxTxV, batch["labels"], pad_token_id=self.gen_cfg.pad_token_id, epsilon=cfg.epsilon, form=cfg.form
             )
-        qe_params = params["query_encoder"]
-        if cfg.freeze_query_encoder:
-            qe_params = jax.lax.stop_gradient(qe_params)
-        q_BxD = question_vectors(
-            qe_params, batch["question_input_ids"], batch["question_attention_mask"], encoder=self.encoder,
-            dropout_key=keys[0], compute_dtype=self.compute_dtype, remat=cfg.remat,
-        )  # fmt: skip
-        doc_scores_BxK = doc_scores_from_embeddings(q_BxD, batch["doc_embeddings"])
+        if "doc_scores" in batch:
+            doc_scores_BxK = batch["doc_scores"]
+        else:
+            qe_params = params["query_encoder"]
+            if cfg.freeze_query_encoder:
+                qe_params = jax.lax.stop_gradient(qe_params)
+            q_BxD = question_vectors(
+                qe_params, batch["question_input_ids"], batch["question_attention_mask"], encoder=self.encoder,
+                dropout_key=keys[0], compute_dtype=self.compute_dtype, remat=cfg.remat,
+            )  # fmt: skip
+            doc_scores_BxK = doc_scores_from_embeddings(q_BxD, batch["doc_embeddings"])
         decoder_input_ids, _, _ = self._decoder_inputs(batch["labels"])
         logits_BxKxTxV = per_doc_logits(
             self.graphdef, {**gen_state, **self.buffers}, batch["context_input_ids"], batch["context_attention_mask"],

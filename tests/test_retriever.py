@@ -20,6 +20,7 @@ from rag_jax.models import bert
 from rag_jax.models import encoder as encoder_module
 from rag_jax.models.encoder import Encoder
 from rag_jax.retrieval import (
+    BM25Index,
     ContextFormat,
     EmbeddingShards,
     ExactIndex,
@@ -323,3 +324,81 @@ def test_prefetch_close_stops_the_worker():
         next(it)
     with pytest.raises(ValueError, match="depth"):
         prefetch([], lambda x: x, depth=0)
+
+
+# -- BM25 ----------------------------------------------------------------------------------------
+
+def bm25_reference(passages, question, k1=1.5, b=0.75):
+    """Lucene's BM25 (bm25s's default) written out: idf = ln(1 + (N - df + 0.5) / (df + 0.5)), term
+    weight tf / (tf + k1 (1 - b + b dl / avgdl)) (Lucene drops the constant (k1 + 1) factor)."""
+    import re
+
+    from bm25s.stopwords import STOPWORDS_EN
+
+    def words(text):
+        return [w for w in re.findall(r"(?u)\b\w\w+\b", text.lower()) if w not in STOPWORDS_EN]
+
+    docs = [words(f"{p.title} {p.text}") for p in passages]
+    avgdl = np.mean([len(d) for d in docs])
+    scores = np.zeros(len(docs))
+    for term in set(words(question)):
+        df = sum(term in d for d in docs)
+        idf = np.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+        for i, d in enumerate(docs):
+            tf = d.count(term)
+            scores[i] += idf * tf / (tf + k1 * (1 - b + b * len(d) / avgdl))
+    return scores
+
+
+def test_bm25_scores_follow_the_formula(corpus):
+    store = corpus[0]
+    passages = store.get_many(np.arange(len(store)))
+    index = BM25Index.build(passages)
+    questions = ["quick brown fox in paris", "who wrote the book about the river city", "unseen words only"]
+    rows, scores = index.search_text(questions, 5)
+    assert rows.shape == scores.shape == (3, 5)
+    for question, row, score in zip(questions, rows, scores):
+        reference = bm25_reference(passages, question)
+        np.testing.assert_allclose(score, reference[row], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(score, np.sort(reference)[::-1][:5], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="k=24"):
+        index.search_text(questions, 24)
+
+
+def test_retriever_over_bm25_scores_by_text_and_gives_fixed_scores(retriever, corpus):
+    store = corpus[0]
+    index = BM25Index.build(store.get_many(np.arange(len(store))))
+    lexical = retriever.with_corpus(store, index, None)
+    found = lexical.retrieve(QUESTIONS)
+    rows, scores = index.search_text(found.questions, K)
+    np.testing.assert_array_equal(found.doc_ids_BxK, rows)
+    np.testing.assert_array_equal(found.doc_scores_BxK, scores)
+    assert found.question_vectors_BxD is None and found.doc_embeddings_BxKxD is None
+    expected = context_strings(found.passages, found.questions, lexical.context_format)
+    decoded = [[lexical.generator_tokenizer.decode(ids[m.astype(bool)], skip_special_tokens=True) for ids, m in
+                zip(ids_K, mask_K)] for ids_K, mask_K in zip(found.context_input_ids_BxKxS,
+                                                             found.context_attention_mask_BxKxS)]  # fmt: skip
+    assert [[d[:12] for d in row] for row in decoded] == [[e[:12] for e in row] for row in expected]
+    batch = lexical.train_batch(found, np.ones((len(QUESTIONS), 4), np.int32))
+    assert set(batch) == {"doc_scores", "context_input_ids", "context_attention_mask", "labels"}
+    with pytest.raises(ValueError, match="embeddings=None"):
+        retriever.with_corpus(store, index, corpus[2])
+
+
+def test_run_config_bm25_builds_a_lexical_retriever_and_freezes_the_question_encoder(
+    question_encoder, question_tokenizer, generator_tokenizer, corpus
+):
+    import types
+
+    from rag_jax import loop
+    from rag_jax.run_config import default_config
+
+    cfg = default_config()
+    cfg.corpus.update(passages=corpus[0].path, retriever="bm25")  # no embeddings, no index needed
+    model = types.SimpleNamespace(question_encoder=question_encoder)
+    retriever = loop.build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=K)
+    assert retriever.lexical and retriever.embeddings is None and len(retriever.store) == len(corpus[0])
+    assert loop.train_config(cfg).freeze_query_encoder
+    cfg.corpus.retriever = "sparse"
+    with pytest.raises(ValueError, match="'dense' or 'bm25'"):
+        loop.build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=K)

@@ -66,11 +66,16 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+def _loss_grad(trainer):
+    """The jitted gradient of the summed loss (eager op-by-op differentiation is much slower)."""
+    return jax.jit(jax.grad(lambda params, batch: trainer.per_example_loss(params, batch, None).sum()))
+
+
 def test_gradients_reach_query_encoder_and_generator_only():
     trainer = Trainer(_model(), _cfg())
     state = trainer.init_state()
     assert set(state.params) == {"query_encoder", "generator"}  # the doc encoder is not trained
-    grads = jax.grad(lambda p: trainer.per_example_loss(p, _batch(), None).sum())(state.params)
+    grads = _loss_grad(trainer)(state.params, _batch())
     for name in ("query_encoder", "generator"):
         assert sum(float(np.abs(g).sum()) for g in _leaves(grads[name])) > 0, name
 
@@ -85,6 +90,24 @@ def test_frozen_query_encoder_does_not_move():
     for a, b in zip(before_qe, _leaves(state.params["query_encoder"])):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(before_gen, _leaves(state.params["generator"])))
+
+
+def test_fixed_doc_scores_give_the_dense_loss_and_no_query_encoder_gradient():
+    """A batch from a fixed retriever (BM25) brings ``doc_scores``: the loss is the one the step
+    computes from embeddings with the same scores, and the question encoder gets no gradient."""
+    trainer = Trainer(_model(), _cfg())
+    params = trainer.init_state().params
+    dense = _batch()
+    q_BxD = question_vectors(params["query_encoder"], dense["question_input_ids"], dense["question_attention_mask"],
+                             encoder=trainer.encoder)  # fmt: skip
+    fixed = {k: v for k, v in dense.items() if k not in ("question_input_ids", "question_attention_mask",
+                                                           "doc_embeddings")}  # fmt: skip
+    fixed["doc_scores"] = np.einsum("bd,bkd->bk", np.asarray(q_BxD), dense["doc_embeddings"])
+    loss = jax.jit(lambda p, b: trainer.per_example_loss(p, b, None))
+    np.testing.assert_allclose(loss(params, fixed), loss(params, dense), rtol=1e-6)
+    grads = _loss_grad(trainer)(params, fixed)
+    assert all(not g.any() for g in _leaves(grads["query_encoder"]))
+    assert any(g.any() for g in _leaves(grads["generator"]))
 
 
 def _two_steps_deltas(cfg, batch):
@@ -128,14 +151,14 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_remat_and_bfloat16_compute():
     base = Trainer(_model(), _cfg())
     params = base.init_state().params
-    loss = base.per_example_loss(params, _batch(), None)
+    loss = jax.jit(lambda p, b: base.per_example_loss(p, b, None))(params, _batch())
     remat = Trainer(_model(), _cfg(remat=True))
-    grad = jax.grad(lambda p: base.per_example_loss(p, _batch(), None).sum())(params)
-    grad_remat = jax.grad(lambda p: remat.per_example_loss(p, _batch(), None).sum())(params)
+    grad = _loss_grad(base)(params, _batch())
+    grad_remat = _loss_grad(remat)(params, _batch())
     for a, b in zip(_leaves(grad), _leaves(grad_remat)):
         np.testing.assert_allclose(a, b, atol=1e-5)
     bf16 = Trainer(_model(), _cfg(compute_dtype="bfloat16"))
-    loss_bf16 = bf16.per_example_loss(params, _batch(), None)
+    loss_bf16 = jax.jit(lambda p, b: bf16.per_example_loss(p, b, None))(params, _batch())
     np.testing.assert_allclose(np.asarray(loss_bf16), np.asarray(loss), rtol=0.05)
 
 

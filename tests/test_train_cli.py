@@ -63,7 +63,7 @@ def test_train_eval_export_end_to_end(task, tmp_path, capsys):
     from transformers import RagTokenForGeneration
 
     from rag_jax import loop
-    from rag_jax.commands.train import _run_config
+    from rag_jax.run_config import saved_run_config
 
     run_dir = str(tmp_path / "run")
     spec = write_config(task, tmp_path, run_dir)
@@ -91,7 +91,7 @@ def test_train_eval_export_end_to_end(task, tmp_path, capsys):
     assert {"passages.tsv", "embeddings", "index", "generator_tokenizer", "question_encoder_tokenizer"} <= set(
         os.listdir(out)
     )
-    model, _ = loop.load_trained_model(_run_config(run_dir))
+    model, _ = loop.load_trained_model(saved_run_config(run_dir))
     hf = RagTokenForGeneration.from_pretrained(out).eval()
     rng = np.random.default_rng(0)
     ids = rng.integers(4, model.generator.config.vocab_size, size=(2 * 2, 10))

@@ -16,19 +16,6 @@ import json
 import os
 
 
-def _run_config(run_dir: str, overrides=()):
-    """The resolved config a run saved next to its checkpoints, with ``overrides`` applied."""
-    import ml_collections
-
-    from rag_jax.checkpointing import read_config
-    from rag_jax.run_config import apply_override
-
-    cfg = ml_collections.ConfigDict(read_config(os.path.join(run_dir, "checkpoints", "config.json")))
-    for override in overrides:
-        apply_override(cfg, override)
-    return cfg
-
-
 def _train(args: argparse.Namespace) -> int:
     from rag_jax import loop
     from rag_jax.run_config import load_config
@@ -41,8 +28,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from rag_jax import loop
+    from rag_jax.run_config import saved_run_config
 
-    cfg = _run_config(args.run, args.overrides)
+    cfg = saved_run_config(args.run, args.overrides)
     model, step = loop.load_trained_model(cfg, args.step)
     question_tokenizer, generator_tokenizer = loop.tokenizers(cfg)
     retriever = None
@@ -59,10 +47,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from rag_jax.export import export_run
+    from rag_jax.run_config import saved_run_config
 
     if args.format != "hf":
         raise ValueError(f"--format {args.format!r}: only 'hf' is supported")
-    step, notes = export_run(_run_config(args.run), args.out, step=args.step, link_corpus=args.link_corpus)
+    step, notes = export_run(saved_run_config(args.run), args.out, step=args.step, link_corpus=args.link_corpus)
     for note in notes:
         print("note:", note)
     print(f"exported step {step} of {args.run} to {args.out}")

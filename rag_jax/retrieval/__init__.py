@@ -5,6 +5,7 @@ embeddings ``embed_passages`` writes and id ``i`` in every index's search result
 turns questions into the generator's inputs over one such corpus (``retriever.py``, ``context.py``).
 """
 
+from rag_jax.retrieval.bm25 import BM25Index
 from rag_jax.retrieval.context import ContextFormat, context_string, context_strings, tokenize_contexts
 from rag_jax.retrieval.corpus import (
     MalformedLineError,
@@ -22,6 +23,7 @@ from rag_jax.retrieval.scann_index import ScannIndex
 from rag_jax.retrieval.sharded import ShardedIndex, build_sharded
 
 __all__ = [
+    "BM25Index",
     "ContextFormat",
     "EmbeddingShards",
     "ExactIndex",

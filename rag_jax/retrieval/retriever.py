@@ -14,7 +14,9 @@ truncated to ``max_question_length`` tokens.
 
 The passage store, the index and the embeddings are one corpus (rows shared); ``with_corpus``
 swaps them for another (an edited or newer corpus) without touching the models: RAG's hot-swap
-of its non-parametric memory. ``prefetch`` runs retrieval for the next batches in a background
+of its non-parametric memory. Over a lexical index (``BM25Index``: no question vectors, no
+embeddings) the retriever searches by the question strings and the doc scores are the index's
+(BM25) scores. ``prefetch`` runs retrieval for the next batches in a background
 thread while the device runs the current step.
 """
 
@@ -42,33 +44,41 @@ class RetrievedBatch:
 
     ``doc_ids_BxK`` are corpus rows (``PassageStore`` rows; ``passages[b][k]`` holds the passage
     and its file id), best first; ``doc_scores_BxK[b, k] = question_vectors_BxD[b] .
-    doc_embeddings_BxKxD[b, k]`` in float32 (the embeddings as stored, cast to float32). Ids and
-    masks are int32. ``questions`` are the question strings joined into the contexts.
+    doc_embeddings_BxKxD[b, k]`` in float32 (the embeddings as stored, cast to float32); over a
+    lexical index the question vectors and doc embeddings are None and the scores are the index's.
+    Ids and masks are int32. ``questions`` are the question strings joined into the contexts.
     """
 
     questions: list[str]
     question_input_ids_BxSq: np.ndarray
     question_attention_mask_BxSq: np.ndarray
-    question_vectors_BxD: np.ndarray
+    question_vectors_BxD: np.ndarray | None
     doc_ids_BxK: np.ndarray
     doc_scores_BxK: np.ndarray
-    doc_embeddings_BxKxD: np.ndarray
+    doc_embeddings_BxKxD: np.ndarray | None
     context_input_ids_BxKxS: np.ndarray
     context_attention_mask_BxKxS: np.ndarray
     passages: list[list[Passage]]
 
 
 def train_batch(retrieved: RetrievedBatch, labels_BxT) -> dict[str, np.ndarray]:
-    """The batch dict ``rag_jax.train.Trainer.train_step`` takes: question ids/mask ``[B, Sq]``,
-    ``doc_embeddings [B, K, D]`` (float32), context ids/mask ``[B, K, S]`` and ``labels [B, T]``."""
+    """The batch dict ``rag_jax.train.Trainer.train_step`` takes: question ids/mask ``[B, Sq]`` and
+    ``doc_embeddings [B, K, D]`` (float32) for the step to score, or, from a lexical index, the
+    fixed ``doc_scores [B, K]``; context ids/mask ``[B, K, S]`` and ``labels [B, T]``."""
     labels_BxT = np.asarray(labels_BxT)
     batch_size = retrieved.doc_ids_BxK.shape[0]
     if labels_BxT.ndim != 2 or labels_BxT.shape[0] != batch_size:
         raise ValueError(f"labels must be [B={batch_size}, T], got shape {labels_BxT.shape}")
+    if retrieved.doc_embeddings_BxKxD is None:
+        scoring = {"doc_scores": retrieved.doc_scores_BxK}
+    else:
+        scoring = {
+            "question_input_ids": retrieved.question_input_ids_BxSq,
+            "question_attention_mask": retrieved.question_attention_mask_BxSq,
+            "doc_embeddings": retrieved.doc_embeddings_BxKxD,
+        }
     return {
-        "question_input_ids": retrieved.question_input_ids_BxSq,
-        "question_attention_mask": retrieved.question_attention_mask_BxSq,
-        "doc_embeddings": retrieved.doc_embeddings_BxKxD,
+        **scoring,
         "context_input_ids": retrieved.context_input_ids_BxKxS,
         "context_attention_mask": retrieved.context_attention_mask_BxKxS,
         "labels": labels_BxT.astype(np.int32),
@@ -95,7 +105,9 @@ def _padded_rows(n: int) -> int:
 class Retriever:
     """A question encoder and its tokenizer, the generator tokenizer, and one corpus: ``store``
     (passages by row, e.g. ``PassageStore``), ``index`` (``Index``: ``search``, ``dim``, ``size``)
-    and ``embeddings`` (the ``[N, D]`` document vectors by row, e.g. ``load_embeddings``).
+    and ``embeddings`` (the ``[N, D]`` document vectors by row, e.g. ``load_embeddings``); or a
+    lexical ``index`` (``BM25Index``) with ``embeddings=None``, searched by question text (the
+    question encoder is then only carried along, never run).
 
     ``k`` documents per question by default; questions are padded/truncated to
     ``max_question_length`` tokens, contexts to ``max_combined_length``; ``prefix``, ``title_sep``
@@ -117,19 +129,28 @@ class Retriever:
     doc_sep: str = " // "
 
     def __post_init__(self):
-        n, dim = self.index.size, self.index.dim
+        n = self.index.size
         if len(self.store) != n:
             raise ValueError(f"the passage store has {len(self.store)} passages but the index holds {n} vectors")
+        if not 1 <= self.k <= n:
+            raise ValueError(f"k={self.k} must be between 1 and the corpus size {n}")
+        if self.max_question_length < 1:
+            raise ValueError(f"max_question_length must be positive, got {self.max_question_length}")
+        if self.lexical:
+            if self.embeddings is not None:
+                raise ValueError("a lexical index is searched by text: pass embeddings=None")
+            return
+        dim = self.index.dim
         if tuple(self.embeddings.shape) != (n, dim):
             raise ValueError(f"the embeddings have shape {tuple(self.embeddings.shape)}, the index is [{n}, {dim}]")
         if self.question_encoder.dim != dim:
             raise ValueError(
                 f"the question encoder gives {self.question_encoder.dim}-dim vectors, the index has dim {dim}"
             )
-        if not 1 <= self.k <= n:
-            raise ValueError(f"k={self.k} must be between 1 and the corpus size {n}")
-        if self.max_question_length < 1:
-            raise ValueError(f"max_question_length must be positive, got {self.max_question_length}")
+
+    @property
+    def lexical(self) -> bool:
+        return getattr(self.index, "lexical", False)
 
     @property
     def context_format(self) -> ContextFormat:
@@ -191,12 +212,16 @@ class Retriever:
         k = self.k if k is None else k
         ids_BxSq, mask_BxSq = self.tokenize_questions(questions, question_attention_mask)
         question_strings = self.question_tokenizer.decode(ids_BxSq.tolist(), skip_special_tokens=True)
-        q_BxD = self.encode_questions(ids_BxSq, mask_BxSq, query_encoder_params)
-        doc_ids_BxK, _ = self.index.search(q_BxD, k)
-        doc_emb_BxKxD = gather_rows(self.embeddings, doc_ids_BxK)
-        doc_scores_BxK = np.einsum("bd,bkd->bk", q_BxD, doc_emb_BxKxD).astype(np.float32)
+        if self.lexical:
+            q_BxD = doc_emb_BxKxD = None
+            doc_ids_BxK, doc_scores_BxK = self.index.search_text(question_strings, k)
+        else:
+            q_BxD = self.encode_questions(ids_BxSq, mask_BxSq, query_encoder_params)
+            doc_ids_BxK, _ = self.index.search(q_BxD, k)
+            doc_emb_BxKxD = gather_rows(self.embeddings, doc_ids_BxK)
+            doc_scores_BxK = np.einsum("bd,bkd->bk", q_BxD, doc_emb_BxKxD).astype(np.float32)
         flat = self.store.get_many(doc_ids_BxK.reshape(-1))
-        passages = [flat[b * k : (b + 1) * k] for b in range(len(q_BxD))]
+        passages = [flat[b * k : (b + 1) * k] for b in range(len(ids_BxSq))]
         strings = context_strings(passages, question_strings, self.context_format)
         ctx_ids_BxKxS, ctx_mask_BxKxS = tokenize_contexts(self.generator_tokenizer, strings, self.max_combined_length)
         return RetrievedBatch(
