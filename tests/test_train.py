@@ -1,6 +1,7 @@
 """The training step: gradients, freezing, accumulation, SPMD equivalence, and learning."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -66,13 +67,21 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+@functools.cache
+def _trainer(cfg: TrainConfig, dropout: float = 0.0) -> Trainer:
+    """One single-device Trainer per (config, dropout) in a test process, so tests share its compiled
+    step (each test starts from its own ``init_state()``; the step donates only the state)."""
+    return Trainer(_model(dropout=dropout), cfg)
+
+
+@functools.cache
 def _loss_grad(trainer):
     """The jitted gradient of the summed loss (eager op-by-op differentiation is much slower)."""
     return jax.jit(jax.grad(lambda params, batch: trainer.per_example_loss(params, batch, None).sum()))
 
 
 def test_gradients_reach_query_encoder_and_generator_only():
-    trainer = Trainer(_model(), _cfg())
+    trainer = _trainer(_cfg())
     state = trainer.init_state()
     assert set(state.params) == {"query_encoder", "generator"}  # the doc encoder is not trained
     grads = _loss_grad(trainer)(state.params, _batch())
@@ -81,7 +90,7 @@ def test_gradients_reach_query_encoder_and_generator_only():
 
 
 def test_frozen_query_encoder_does_not_move():
-    trainer = Trainer(_model(), _cfg(freeze_query_encoder=True))
+    trainer = _trainer(_cfg(freeze_query_encoder=True))
     state = trainer.init_state()
     before_qe, before_gen = _leaves(state.params["query_encoder"]), _leaves(state.params["generator"])
     for _ in range(2):  # the warmup's first learning rate is 0
@@ -95,7 +104,7 @@ def test_frozen_query_encoder_does_not_move():
 def test_fixed_doc_scores_give_the_dense_loss_and_no_query_encoder_gradient():
     """A batch from a fixed retriever (BM25) brings ``doc_scores``: the loss is the one the step
     computes from embeddings with the same scores, and the question encoder gets no gradient."""
-    trainer = Trainer(_model(), _cfg())
+    trainer = _trainer(_cfg())
     params = trainer.init_state().params
     dense = _batch()
     q_BxD = question_vectors(params["query_encoder"], dense["question_input_ids"], dense["question_attention_mask"],
@@ -111,7 +120,7 @@ def test_fixed_doc_scores_give_the_dense_loss_and_no_query_encoder_gradient():
 
 
 def _two_steps_deltas(cfg, batch):
-    trainer = Trainer(_model(), cfg)
+    trainer = _trainer(cfg)
     state = trainer.init_state()
     before = {name: _leaves(tree) for name, tree in state.params.items()}
     for _ in range(2):  # the warmup's first learning rate is 0
@@ -137,7 +146,7 @@ def test_closed_book_leaves_the_unused_query_encoder_alone():
 def test_gradient_accumulation_equals_one_big_batch():
     results = []
     for accum in (1, 2):
-        trainer = Trainer(_model(), _cfg(grad_accum_steps=accum))
+        trainer = _trainer(_cfg(grad_accum_steps=accum))
         state = trainer.init_state()
         for _ in range(2):  # the warmup's first learning rate is 0
             state, metrics = trainer.train_step(state, _batch())
@@ -149,15 +158,15 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 def test_remat_and_bfloat16_compute():
-    base = Trainer(_model(), _cfg())
+    base = _trainer(_cfg())
     params = base.init_state().params
     loss = jax.jit(lambda p, b: base.per_example_loss(p, b, None))(params, _batch())
-    remat = Trainer(_model(), _cfg(remat=True))
+    remat = _trainer(_cfg(remat=True))
     grad = _loss_grad(base)(params, _batch())
     grad_remat = _loss_grad(remat)(params, _batch())
     for a, b in zip(_leaves(grad), _leaves(grad_remat)):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    bf16 = Trainer(_model(), _cfg(compute_dtype="bfloat16"))
+    bf16 = _trainer(_cfg(compute_dtype="bfloat16"))
     loss_bf16 = jax.jit(lambda p, b: bf16.per_example_loss(p, b, None))(params, _batch())
     np.testing.assert_allclose(np.asarray(loss_bf16), np.asarray(loss), rtol=0.05)
 
@@ -169,7 +178,7 @@ def _is_adam_state(node) -> bool:
 def test_sharded_step_equals_single_device_step():
     assert jax.device_count() == 8
     batch = _batch(seed=3)
-    single = Trainer(_model(dropout=0.1), _cfg())
+    single = _trainer(_cfg(), dropout=0.1)
     state1 = single.init_state()
     for _ in range(2):  # the warmup's first learning rate is 0
         state1, metrics1 = single.train_step(state1, dict(batch))
@@ -201,7 +210,7 @@ def test_sharded_step_equals_single_device_step():
 @pytest.mark.parametrize("variant", ["token", "sequence", "closed_book"])
 def test_training_drives_the_loss_down(variant):
     closed_book = variant == "closed_book"
-    trainer = Trainer(_model(dropout=0.1), _cfg(variant=variant))
+    trainer = _trainer(_cfg(variant=variant), dropout=0.1)
     state = trainer.init_state()
     data = [_batch(seed=i, closed_book=closed_book) for i in range(2)]
     losses = []
@@ -224,7 +233,7 @@ def test_nonfinite_step_is_skipped_or_reported():
     bad = _batch()
     bad["doc_embeddings"][0, 0, 0] = np.inf  # doc scores of example 0 become non-finite
     for skip in (True, False):
-        trainer = Trainer(_model(), _cfg(skip_nonfinite=skip))
+        trainer = _trainer(_cfg(skip_nonfinite=skip))
         state = trainer.init_state()
         state, _ = trainer.train_step(state, _batch())  # warmup: lr 0 at step 0
         before = _leaves(state.params)
@@ -237,7 +246,7 @@ def test_nonfinite_step_is_skipped_or_reported():
 
 
 def test_to_model_carries_trained_parameters():
-    trainer = Trainer(_model(), _cfg())
+    trainer = _trainer(_cfg())
     state = trainer.init_state()
     for _ in range(2):
         state, _ = trainer.train_step(state, _batch())
