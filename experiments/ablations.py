@@ -34,7 +34,6 @@ resumes or reuses them).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -45,7 +44,7 @@ import numpy as np
 
 from rag_jax import loop
 from rag_jax.quickstart import LABELS, answer_recall
-from rag_jax.run_config import saved_run_config
+from rag_jax.run_config import saved_run_config, with_changes
 
 ABLATIONS = ("variant", "k", "decoding", "retriever", "query_encoder")
 TEST_KS = (1, 5, 10, 20, 50)
@@ -107,18 +106,10 @@ class Runs:
         return float(np.mean(priors))
 
 
-def with_changes(cfg, **sections):
-    cfg = copy.deepcopy(cfg)
-    for name, values in sections.items():
-        cfg[name].update(values)
-    return cfg
-
-
 def train_run(base_cfg, run_dir: str, **sections):
     """Train (or resume / reuse) a run with ``base_cfg``'s settings changed; returns its model and
     training seconds (0 when it was already trained)."""
-    cfg = with_changes(base_cfg, **sections)
-    cfg.run_dir = run_dir
+    cfg = with_changes(base_cfg, run_dir=run_dir, **sections)
     start = time.perf_counter()
     loop.train(cfg)
     return loop.load_trained_model(cfg)[0], time.perf_counter() - start

@@ -15,7 +15,6 @@ size reading the generator's word-level tokenizer (clearly labelled in ``TaskPat
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -27,7 +26,7 @@ from flax import nnx
 
 from rag_jax import synthetic_kb
 from rag_jax.config import BartConfig, BertConfig
-from rag_jax.run_config import default_config
+from rag_jax.run_config import default_config, with_changes
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +156,7 @@ def run_config(paths: TaskPaths, variant: str, run_dir: str, **sections) -> ml_c
     cfg.corpus.update(passages=paths.passages, embeddings=paths.embeddings, index=paths.index)
     cfg.model.update(question_encoder=paths.encoder, generator=paths.generator)
     cfg.rag.variant = variant
-    for name, value in sections.items():
-        if isinstance(value, dict):
-            cfg[name].update(value)
-        else:
-            cfg[name] = value
-    return cfg
+    return with_changes(cfg, **sections)
 
 
 # -- the quickstart run --------------------------------------------------------------------------
@@ -234,9 +228,7 @@ def settings_config(paths: TaskPaths, variant: str, run_dir: str, s: Settings) -
 
 def every_example(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``cfg`` evaluating every example (``eval.max_examples`` limits the dev evaluations in training)."""
-    cfg = copy.deepcopy(cfg)
-    cfg.eval.max_examples = 0
-    return cfg
+    return with_changes(cfg, eval={"max_examples": 0})
 
 
 def pretrain_generator(paths: TaskPaths, out: str, s: Settings, *, progress: bool = True) -> str:

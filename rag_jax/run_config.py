@@ -9,6 +9,7 @@ an error, not a silently ignored setting) and is parsed by the type of the field
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import os
 
@@ -99,6 +100,18 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     config = module.get_config(arg) if arg else module.get_config()
     for override in overrides:
         apply_override(config, override)
+    return config
+
+
+def with_changes(config: ml_collections.ConfigDict, **sections) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with ``sections`` applied: a dict updates that section
+    (``train={"steps": 300}``), any other value sets a top-level field (``seed=1``)."""
+    config = copy.deepcopy(config)
+    for name, value in sections.items():
+        if isinstance(value, dict):
+            config[name].update(value)
+        else:
+            config[name] = value
     return config
 
 
