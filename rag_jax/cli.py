@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from rag_jax import host_memory
+
 COMMAND_MODULES = ("model_io", "retrieval", "train", "quickstart")
 
 
@@ -23,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``rag-jax`` command; run as a program (``argv`` None) it first re-executes itself with huge
+    pages for XLA:CPU's buffers (``rag_jax.host_memory``)."""
+    if argv is None:
+        host_memory.reexec_with_huge_pages()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     overrides = [a for a in unknown if a.startswith("--config.")]

@@ -629,9 +629,20 @@ def rag_sequence_search(
 # Host side
 
 
-def hf_layout(sequences_BxRxL, lengths) -> np.ndarray:
-    """``[B * R, W]`` int32 ids as transformers returns them: W = the largest of ``lengths``."""
-    sequences_BxRxL, width = np.asarray(sequences_BxRxL), int(np.max(np.asarray(lengths)))
+def as_dtype(x, dtype) -> np.ndarray | jax.Array:
+    """``x`` as ``dtype``: host data converted on the host (NumPy), device arrays on the device; an
+    eager ``jnp.asarray(x, dtype)`` of host data would cost a dispatch per call."""
+    if isinstance(x, jax.Array):
+        return x if x.dtype == dtype else x.astype(dtype)
+    return np.asarray(x, dtype)
+
+
+def hf_layout(sequences_BxNxL, lengths_BxN, r: int | None = None) -> np.ndarray:
+    """``[B * R, W]`` int32 ids as transformers returns them, from the first ``r`` (default all N)
+    sequences of every example: W = the largest of their lengths. Sliced on the host (an eager slice of
+    a device array costs a dispatch)."""
+    sequences_BxRxL, lengths_BxR = np.asarray(sequences_BxNxL)[:, :r], np.asarray(lengths_BxN)[:, :r]
+    width = int(np.max(lengths_BxR))
     b, r, _ = sequences_BxRxL.shape
     return sequences_BxRxL[:, :, :width].reshape(b * r, width)
 
@@ -659,7 +670,6 @@ def generate_seq2seq(
         num_return_sequences=num_return_sequences, **overrides,
     )  # fmt: skip
     opts.check(generator.config.vocab_size, generator.config.max_position_embeddings)
-    ids_Bx1xS, mask_Bx1xS = (jnp.asarray(x, jnp.int32)[:, None] for x in (input_ids, attention_mask))
-    result = rag_token_search(*nnx.split(generator.model), ids_Bx1xS, mask_Bx1xS, None, opts)
-    r = opts.num_return_sequences
-    return hf_layout(result.sequences_BxNxL[:, :r], result.lengths_BxN[:, :r])
+    ids_Bx1xS, mask_Bx1xS = (as_dtype(x, np.int32)[:, None] for x in (input_ids, attention_mask))
+    result = rag_token_search(*generator.split(), ids_Bx1xS, mask_Bx1xS, None, opts)
+    return hf_layout(result.sequences_BxNxL, result.lengths_BxN, opts.num_return_sequences)

@@ -18,7 +18,15 @@ from flax import nnx
 
 from rag_jax import objective
 from rag_jax.config import BartConfig, BertConfig, RagConfig
-from rag_jax.decoding import Decoding, SearchOptions, default_options, hf_layout, rag_sequence_search, rag_token_search
+from rag_jax.decoding import (
+    Decoding,
+    SearchOptions,
+    as_dtype,
+    default_options,
+    hf_layout,
+    rag_sequence_search,
+    rag_token_search,
+)
 from rag_jax.models import bert
 from rag_jax.models.bart import Bart
 from rag_jax.models.encoder import Encoder, pooled_encode
@@ -128,7 +136,7 @@ class RagModel:
     def _loss_fn(self, variant, n_docs, epsilon, exclude_bos_score, reduce, form):
         """``(jitted loss(state, context ids, context mask, doc_scores, labels), current generator state)``;
         the jitted function is built once per setting and kept (one compilation per shape)."""
-        graphdef, state = nnx.split(self.generator.model)
+        graphdef, state = self.generator.split()
         key = (variant, n_docs, epsilon, exclude_bos_score, reduce, form)
         if key not in self._loss_jits:
             self._loss_jits[key] = self._build_loss_fn(graphdef, *key)
@@ -232,16 +240,15 @@ class RagModel:
             gen_cfg.max_position_embeddings,
             n_docs * opts.num_beams if variant == "sequence" else None,
         )
-        ids_BxKxS = unflatten_docs(jnp.asarray(context_input_ids, jnp.int32), n_docs)
-        mask_BxKxS = unflatten_docs(jnp.asarray(context_attention_mask, jnp.int32), n_docs)
-        doc_scores_BxK = jnp.asarray(doc_scores, jnp.float32)
+        ids_BxKxS = unflatten_docs(as_dtype(context_input_ids, np.int32), n_docs)
+        mask_BxKxS = unflatten_docs(as_dtype(context_attention_mask, np.int32), n_docs)
+        doc_scores_BxK = as_dtype(doc_scores, np.float32)
         if doc_scores_BxK.shape != ids_BxKxS.shape[:2]:
             raise ValueError(f"doc_scores has shape {doc_scores_BxK.shape}, expected {ids_BxKxS.shape[:2]} (B, n_docs)")
-        graphdef, state = nnx.split(self.generator.model)
+        graphdef, state = self.generator.split()
         if variant == "token":
             result = rag_token_search(graphdef, state, ids_BxKxS, mask_BxKxS, doc_scores_BxK, opts)
-            r = opts.num_return_sequences
-            return hf_layout(result.sequences_BxNxL[:, :r], result.lengths_BxN[:, :r])
+            return hf_layout(result.sequences_BxNxL, result.lengths_BxN, opts.num_return_sequences)
         result = rag_sequence_search(
             graphdef, state, ids_BxKxS, mask_BxKxS, doc_scores_BxK, opts, decoding,
             pad_token_id=gen_cfg.pad_token_id, bos_token_id=self.bos_token_id, epsilon=self.config.label_smoothing,

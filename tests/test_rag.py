@@ -188,3 +188,28 @@ def test_training_form_decoder_inputs_are_shifted_right(pair):
     assert np.all(np.asarray(loss) > 0.5)
     hf = model.loss(ctx_ids, ctx_mask, doc_scores, labels, variant="token", n_docs=3, form="hf")
     np.testing.assert_allclose(np.asarray(hf), 0.0, atol=1e-6)
+
+
+def test_generator_split_is_cached_and_sees_new_weights(tmp_path):
+    """``Generator.split`` traverses the model once, yet calls after an in-place weight update (as
+    training or ``nnx.update`` does) or after assigning another model use the current weights."""
+    folder = tmp_path / "rag"
+    tiny_rag("token", seed=2).save_pretrained(folder)
+    model = rag_jax.load_rag(folder)
+    ctx_ids, ctx_mask, doc_scores, labels = _inputs(2, seed=4)
+    generator = model.generator
+    assert generator.split()[1] is generator.split()[1]  # one traversal
+    before = np.asarray(model.loss(ctx_ids, ctx_mask, doc_scores, labels, n_docs=2))
+
+    scaled = jax.tree.map(lambda x: x * 1.5, nnx.state(generator.model, nnx.Param))
+    nnx.update(generator.model, scaled)
+    after_update = np.asarray(model.loss(ctx_ids, ctx_mask, doc_scores, labels, n_docs=2))
+    generator.model = rag_jax.load_rag(folder).generator.model  # the original weights, a new module
+    after_swap = np.asarray(model.loss(ctx_ids, ctx_mask, doc_scores, labels, n_docs=2))
+
+    assert not np.allclose(after_update, before)
+    np.testing.assert_allclose(after_swap, before, rtol=1e-6)
+    fresh = rag_jax.load_rag(folder)
+    nnx.update(fresh.generator.model, scaled)  # the scaled weights loaded and split from scratch
+    from_scratch = np.asarray(fresh.loss(ctx_ids, ctx_mask, doc_scores, labels, n_docs=2))
+    np.testing.assert_allclose(after_update, from_scratch, rtol=1e-6)

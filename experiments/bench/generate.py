@@ -27,7 +27,8 @@ the way to give both sides one core is ``taskset -c 0 ... --threads 1``. On a sh
 that: with 2 threads and other jobs running, torch's per-op thread barriers made the reference 25-40x
 slower (measured at load ~4.5 on 2 cores), which says nothing about either implementation.
 
-Compilation is reported separately, from jax's monitoring events of rag_jax's first call (tracing,
+As the training-step benchmark, the script re-executes itself with huge pages for malloc (both sides;
+``RAG_JAX_HUGE_PAGES=0`` for neither). Compilation is reported separately, from jax's monitoring events of rag_jax's first call (tracing,
 lowering to MLIR, XLA compilation; jax's caches are cleared before every setting). Then a second
 batch of the same shapes but other ids, other padding and other doc scores is generated: the number
 of traces and compilations it triggers shows whether one compiled program serves the whole padded
@@ -56,6 +57,7 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import alternate, machine, wait_for_quiet_cpu
 
+from rag_jax import host_memory
 from rag_jax.hf import load_rag
 
 PAD = 1
@@ -299,6 +301,8 @@ def report(rows: list[Row], args, total_s: float) -> str:
 
 
 def main(argv=None):
+    if argv is None:  # both sides run with huge pages for malloc, as the rag-jax command does
+        host_memory.reexec_with_huge_pages()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["small", "base", "both"], default="both")
     parser.add_argument("--variant", choices=["token", "sequence", "both"], default="both")

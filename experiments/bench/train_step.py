@@ -19,7 +19,9 @@ step's FLOPs from XLA's cost analysis and the fraction of the machine's measured
 (a jitted 2048x2048 ``jnp.dot``) that they represent, and the minor page faults per step.
 ``--breakdown`` also times the forward pass alone and forward + backward (no optimizer) on both
 sides. Before timing, both sides' dropout-free losses on the batch are compared (same weights, same
-objective).
+objective). Run as a script, the benchmark first re-executes itself with glibc's malloc using
+transparent huge pages, as the ``rag-jax`` command runs (``rag_jax.host_memory``); the reference shares
+the process and so the setting (``RAG_JAX_HUGE_PAGES=0`` runs both without).
 
     python experiments/bench/train_step.py --size both --out experiments/bench/results/train_step.md
 """
@@ -44,6 +46,7 @@ import optax
 import torch
 import transformers
 
+from rag_jax import host_memory
 from rag_jax.hf import load_rag
 from rag_jax.optim import OptimizerConfig
 from rag_jax.train import TrainConfig, Trainer
@@ -484,6 +487,8 @@ def report(results: list[Result], peaks: tuple[float, float], args, total_s: flo
 
 
 def main(argv=None):
+    if argv is None:  # both sides run with huge pages for malloc, as the rag-jax command does
+        host_memory.reexec_with_huge_pages()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["tiny", "mid", "both"], default="both")
     parser.add_argument("--steps", type=int, default=None, help=f"timed steps per side (default: {DEFAULT_STEPS})")

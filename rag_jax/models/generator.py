@@ -44,12 +44,23 @@ class Generator:
     hf_config: dict | None = None
     source_path: str | None = None
     _logits_jit: object = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _split: tuple = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def split(self) -> tuple[nnx.GraphDef, nnx.State]:
+        """``nnx.split(self.model)``, traversed once per model (the traversal is milliseconds of Python per
+        call, a large part of a small model's generate call). The state holds the model's own Variables,
+        so values changed in place (``nnx.update``, ``variable[...] = x``, training) are seen; assigning a
+        new ``model`` is seen too. Replacing a submodule or Variable inside the model is not: make a new
+        ``Generator`` for that."""
+        if self._split is None or self._split[0] is not self.model:
+            self._split = (self.model, *nnx.split(self.model))
+        return self._split[1:]
 
     def logits(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> jax.Array:
         """Float32 ``[B, T, V]`` logits of a deterministic forward pass, jitted (compiled once per shape)."""
         if self._logits_jit is None:
             self._logits_jit = jax.jit(_logits)
-        graphdef, state = nnx.split(self.model)
+        graphdef, state = self.split()
         return self._logits_jit(graphdef, state, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
 
 
