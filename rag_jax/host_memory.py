@@ -8,9 +8,9 @@ step and, on virtual machines, TLB misses on every pass over the activations. Wi
 the tiny training step from 0.18 to 0.10 s on the 2-core CPU VM of ``experiments/RESULTS.md``.
 
 Tunables are read when a process starts, so ``reexec_with_huge_pages`` runs the program again with
-the tunable added (once: the new process sees it set). The ``rag-jax`` command does this first thing;
-``RAG_JAX_HUGE_PAGES=0`` turns it off. Elsewhere than Linux, or where the kernel has transparent
-huge pages off (``never``), it does nothing.
+the tunable added (once: the new process sees it set). The ``rag-jax`` subcommands that run jitted
+work do this first thing (``cli.HUGE_PAGE_COMMANDS``); ``RAG_JAX_HUGE_PAGES=0`` turns it off.
+Elsewhere than Linux, or where the kernel has transparent huge pages off (``never``), it does nothing.
 """
 
 from __future__ import annotations
