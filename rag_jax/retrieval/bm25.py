@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from rag_jax.retrieval.corpus import Passage
+from rag_jax.retrieval.index import check_k
 
 
 def _bm25s():
@@ -51,7 +52,6 @@ class BM25Index:
     def search_text(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(rows [Q, k] int64, scores [Q, k] float32)``, best first. A question sharing no word
         with the corpus gets score-0 rows."""
-        if not 1 <= k <= self.size:
-            raise ValueError(f"k={k} must be between 1 and the corpus size {self.size}")
+        check_k(k, self.size)
         rows, scores = self.model.retrieve(_tokens(texts), k=k, show_progress=False, n_threads=1)
         return np.asarray(rows, np.int64), np.asarray(scores, np.float32)

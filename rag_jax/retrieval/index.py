@@ -54,9 +54,14 @@ def check_queries(queries, dim: int, size: int, k: int) -> np.ndarray:
         raise ValueError(f"queries must be [Q, D], got shape {q.shape}")
     if q.shape[1] != dim:
         raise ValueError(f"queries have dim {q.shape[1]} but the index has dim {dim}")
+    check_k(k, size)
+    return q
+
+
+def check_k(k: int, size: int) -> None:
+    """Refuses a top-k outside 1..size (the index's number of rows)."""
     if not 1 <= k <= size:
         raise ValueError(f"k={k} must be between 1 and the index size {size}")
-    return q
 
 
 def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
