@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rag_jax import objective, sharding
 from rag_jax.models.bart import Bart
-from rag_jax.optim import OptimizerConfig, make_optimizer
+from rag_jax.optim import OptimizerConfig, global_norm, make_optimizer
 from rag_jax.rag import RagModel, doc_scores_from_embeddings, marginal_nll, per_doc_logits, question_vectors
 
 Variant = Literal["token", "sequence", "closed_book"]
@@ -224,7 +224,7 @@ class Trainer:
             grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        grad_norm = global_norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         if self.cfg.skip_nonfinite:  # keep the previous parameters and optimizer state
             params, opt_state = jax.tree.map(
