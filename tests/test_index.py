@@ -83,10 +83,23 @@ def test_scann_recall(clustered):
     x, q, truth = clustered
     # force the tree + AH + reorder path; this small synthetic set needs 20-30% of the leaves for 0.95
     index = ScannIndex.build(x, brute_force_below=0, leaves_fraction=0.3)
-    assert index.meta["tree"] and index.meta["mips_trick"] and index.meta["num_leaves"] == 141
+    assert index.meta["tree"] and index.meta["spherical"] and not index.meta["mips_trick"] and index.meta["num_leaves"] == 141
     ids, scores = index.search(q, K)
     assert recall(ids, truth) >= 0.95
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[ids]), rtol=1e-5, atol=1e-5)  # exact after reordering
+
+
+@pytest.mark.parametrize("options", [{"reorder_dtype": "int8"}, {"mips_trick": True}, {"spherical": False}])
+def test_scann_options_keep_recall(clustered, options):
+    x, q, truth = clustered
+    index = ScannIndex.build(x, brute_force_below=0, leaves_fraction=0.3, **options)
+    assert all(index.meta[name] == value for name, value in options.items())
+    assert recall(index.search(q, K)[0], truth) >= 0.9
+
+
+def test_scann_refuses_an_unknown_reorder_dtype(clustered):
+    with pytest.raises(ValueError, match="reorder_dtype"):
+        ScannIndex.build(clustered[0], reorder_dtype="float16")
 
 
 def test_scann_brute_force_for_small_corpora(small):

@@ -80,9 +80,9 @@ def exact_method(x, dtype):
     )
 
 
-def scann_method(x):
+def scann_method(x, reorder_dtype="float32"):
     def build():
-        return ScannIndex.build(x)
+        return ScannIndex.build(x, reorder_dtype=reorder_dtype)
 
     def search(ix, q, k, p):
         return ix.search(q, k, leaves_to_search=p[0], reorder_factor=p[1])[0]
@@ -97,9 +97,9 @@ def scann_method(x):
             return dir_bytes(d)
 
     leaves = max(1, round(math.sqrt(len(x))))
-    params = [(max(1, round(f * leaves)), r) for f in (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2) for r in (5, 10, 20)]
+    params = [(max(1, round(f * leaves)), r) for f in (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2) for r in (5, 10, 20)]
     params = sorted(set(params), key=lambda p: (p[0] * 1000 + p[1]))
-    name = f"ScaNN tree{leaves}+AH(2)+reorder"
+    name = f"ScaNN spherical tree{leaves}+AH(2)+reorder {reorder_dtype}"
     return Method(name, build, search, params, nbytes, single, scaling="partition")
 
 
@@ -201,6 +201,7 @@ def benchmark(args) -> str:
         "exact": lambda: exact_method(x, "float32"),
         "exact-bf16": lambda: exact_method(x, "bfloat16"),
         "scann": lambda: scann_method(x),
+        "scann-int8": lambda: scann_method(x, "int8"),
         "hnsw32": lambda: faiss_method(x, "hnsw32"),
         "hnsw64": lambda: faiss_method(x, "hnsw64"),
         "ivfpq": lambda: faiss_method(x, "ivfpq"),
@@ -244,7 +245,7 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--single", type=int, default=100, help="queries timed one at a time")
     p.add_argument("--norm-sigma", type=float, default=0.1, help="log-std of the norms (0.1: DPR-like)")
-    p.add_argument("--methods", default="numpy,exact,exact-bf16,scann,hnsw32,hnsw64,ivfpq")
+    p.add_argument("--methods", default="numpy,exact,exact-bf16,scann,scann-int8,hnsw32,hnsw64,ivfpq")
     p.add_argument("--study", choices=("benchmark", "trick"), default="benchmark")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

@@ -23,6 +23,7 @@ from flax import nnx
 
 from rag_jax.config import BartConfig
 from rag_jax.models.activations import ACTIVATIONS
+from rag_jax.models.dropout import dropout
 
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding: position p is row p + 2
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used by every BART layer norm
@@ -77,11 +78,6 @@ def _dropout_keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
     return list(jax.random.split(key, n))
 
 
-def _dropout(dropout: nnx.Dropout, x: jax.Array, key: jax.Array | None) -> jax.Array:
-    """``dropout(x)`` with ``key``; the identity when ``key`` is None (deterministic)."""
-    return dropout(x, deterministic=key is None, rngs=key)
-
-
 def _draw_key(deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array | None:
     if deterministic:
         return None
@@ -128,7 +124,7 @@ class Attention(nnx.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = linear(), linear(), linear(), linear()
         self.num_heads = num_heads
         self.head_dim = d // num_heads
-        self.dropout = nnx.Dropout(cfg.attention_dropout)
+        self.dropout_rate = cfg.attention_dropout
 
     def _split_heads(self, x_BxLxD: jax.Array) -> jax.Array:
         b, length, _ = x_BxLxD.shape
@@ -145,7 +141,7 @@ class Attention(nnx.Module):
         scores_BxHxTxS = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxSxK, preferred_element_type=jnp.float32)
         scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS, _MASKED)
         probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
-        probs_BxHxTxS = _dropout(self.dropout, probs_BxHxTxS, key)
+        probs_BxHxTxS = dropout(probs_BxHxTxS, self.dropout_rate, key)
         out_BxTxHxK = jnp.einsum("bhts,bhsk->bthk", probs_BxHxTxS.astype(v_BxHxSxK.dtype), v_BxHxSxK)
         b, t = x_BxTxD.shape[:2]
         return self.out_proj(out_BxTxHxK.reshape(b, t, self.num_heads * self.head_dim))
@@ -164,20 +160,20 @@ class _Layer(nnx.Module):
         self.final_layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
         self.activation = cfg.activation_function
         self.normalize_before = cfg.normalize_before
-        self.dropout = nnx.Dropout(cfg.dropout)
-        self.activation_dropout = nnx.Dropout(cfg.activation_dropout)
+        self.dropout_rate = cfg.dropout
+        self.activation_dropout_rate = cfg.activation_dropout
 
     def _block_input(self, norm: nnx.LayerNorm, h_BxTxD) -> jax.Array:
         return norm(h_BxTxD) if self.normalize_before else h_BxTxD
 
     def _block_output(self, norm: nnx.LayerNorm, h_BxTxD, out_BxTxD, key) -> jax.Array:
-        h_BxTxD = h_BxTxD + _dropout(self.dropout, out_BxTxD, key)
+        h_BxTxD = h_BxTxD + dropout(out_BxTxD, self.dropout_rate, key)
         return h_BxTxD if self.normalize_before else norm(h_BxTxD)
 
     def _feed_forward(self, h_BxTxD, keys) -> jax.Array:
         x_BxTxD = self._block_input(self.final_layer_norm, h_BxTxD)
         a_BxTxF = ACTIVATIONS[self.activation](self.fc1(x_BxTxD))
-        out_BxTxD = self.fc2(_dropout(self.activation_dropout, a_BxTxF, keys[0]))
+        out_BxTxD = self.fc2(dropout(a_BxTxF, self.activation_dropout_rate, keys[0]))
         return self._block_output(self.final_layer_norm, h_BxTxD, out_BxTxD, keys[1])
 
 
@@ -255,12 +251,12 @@ class _Stack(nnx.Module):
         self.layernorm_embedding = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
         self.layers = nnx.List(layers)
         self.layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype) if cfg.normalize_before else None
-        self.dropout = nnx.Dropout(cfg.dropout)
+        self.dropout_rate = cfg.dropout
         self.remat = remat
 
     def _embed(self, tokens_BxLxD, positions_BxL, key) -> jax.Array:
         h_BxLxD = tokens_BxLxD + self.embed_positions(positions_BxL + POSITION_OFFSET)
-        return _dropout(self.dropout, self.layernorm_embedding(h_BxLxD), key)
+        return dropout(self.layernorm_embedding(h_BxLxD), self.dropout_rate, key)
 
     def _final(self, h_BxLxD) -> jax.Array:
         return h_BxLxD if self.layer_norm is None else self.layer_norm(h_BxLxD)

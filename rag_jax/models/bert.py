@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from rag_jax.config import BertConfig
 from rag_jax.models.activations import activation
+from rag_jax.models.dropout import dropout
 
 Params = dict[str, Any]
 
@@ -110,13 +111,6 @@ def layer_norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
 def _attention(x_BxSxD, p: Params, mask_Bx1x1xS, cfg: BertConfig, dtype, key) -> jax.Array:
     b, s, _ = x_BxSxD.shape
     h, dh = cfg.num_attention_heads, cfg.head_dim
@@ -125,7 +119,7 @@ def _attention(x_BxSxD, p: Params, mask_Bx1x1xS, cfg: BertConfig, dtype, key) ->
     v_BxSxHxK = dense(x_BxSxD, p["value"], dtype).reshape(b, s, h, dh)
     scores_BxHxSxS = jnp.einsum("bqhk,bshk->bhqs", q_BxSxHxK, k_BxSxHxK, preferred_element_type=jnp.float32)
     scores_BxHxSxS = scores_BxHxSxS * (dh**-0.5) + mask_Bx1x1xS
-    probs_BxHxSxS = _dropout(jax.nn.softmax(scores_BxHxSxS, axis=-1), cfg.attention_probs_dropout_prob, key)
+    probs_BxHxSxS = dropout(jax.nn.softmax(scores_BxHxSxS, axis=-1), cfg.attention_probs_dropout_prob, key)
     ctx_BxSxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxSxS.astype(dtype), v_BxSxHxK)
     return ctx_BxSxHxK.reshape(b, s, h * dh)
 
@@ -134,10 +128,10 @@ def _layer(x_BxSxD, p: Params, key, mask_Bx1x1xS, cfg: BertConfig, dtype) -> jax
     """One post-LN transformer layer (BertLayer)."""
     k_attn, k_attn_out, k_mlp_out = (None, None, None) if key is None else jax.random.split(key, 3)
     ctx_BxSxD = _attention(x_BxSxD, p, mask_Bx1x1xS, cfg, dtype, k_attn)
-    attn_BxSxD = _dropout(dense(ctx_BxSxD, p["attn_out"], dtype), cfg.hidden_dropout_prob, k_attn_out)
+    attn_BxSxD = dropout(dense(ctx_BxSxD, p["attn_out"], dtype), cfg.hidden_dropout_prob, k_attn_out)
     x_BxSxD = layer_norm(attn_BxSxD.astype(jnp.float32) + x_BxSxD, p["attn_norm"], cfg.layer_norm_eps).astype(dtype)
     mid_BxSxF = activation(cfg.hidden_act)(dense(x_BxSxD, p["mlp_in"], dtype))
-    out_BxSxD = _dropout(dense(mid_BxSxF, p["mlp_out"], dtype), cfg.hidden_dropout_prob, k_mlp_out)
+    out_BxSxD = dropout(dense(mid_BxSxF, p["mlp_out"], dtype), cfg.hidden_dropout_prob, k_mlp_out)
     return layer_norm(out_BxSxD.astype(jnp.float32) + x_BxSxD, p["mlp_norm"], cfg.layer_norm_eps).astype(dtype)
 
 
@@ -151,7 +145,7 @@ def embed(params: Params, input_ids_BxS, token_type_ids_BxS, *, cfg: BertConfig,
     x_BxSxD = x_BxSxD + jnp.take(e["token_type"], token_type_ids_BxS, axis=0).astype(jnp.float32)
     x_BxSxD = x_BxSxD + e["position"][None, :s].astype(jnp.float32)
     x_BxSxD = layer_norm(x_BxSxD, e["norm"], cfg.layer_norm_eps).astype(dtype)
-    return _dropout(x_BxSxD, cfg.hidden_dropout_prob, key)
+    return dropout(x_BxSxD, cfg.hidden_dropout_prob, key)
 
 
 def encode(

@@ -1,39 +1,35 @@
 """ScannIndex: approximate MIPS on the host with ScaNN (tree partitioning + asymmetric hashing +
 exact reordering), the index RAG used for its 21M Wikipedia passages.
 
-Defaults, chosen from N (and the norms):
+Defaults, chosen from N:
 
 * N < ``BRUTE_FORCE_BELOW`` (20,000): ScaNN brute force (exact).
-* else a tree of ``num_leaves = round(sqrt(N))`` leaves, trained on ``min(N, max(100_000,
-  100 * num_leaves))`` sampled rows; a query searches ``ceil(LEAVES_FRACTION * num_leaves)`` leaves
-  (10%, at least ``MIN_LEAVES_TO_SEARCH``); AH scoring with 2 dims per block (16 centers each) and
-  anisotropic quantization threshold 0.2; the best ``REORDER_FACTOR * k`` (100 for k = 10) AH
-  candidates are rescored exactly in float32, so the scores returned are exact inner products.
-* The MIPS -> nearest-neighbour trick (Bachrach et al. 2014, as in DPR's HNSW index): every corpus
-  vector gets one more coordinate ``sqrt(M^2 - |x|^2)`` (M the largest norm) so all have norm M,
-  queries get a 0, inner products are unchanged, and the tree uses spherical k-means. It is used
-  (``mips_trick=None``) when the norms vary little: std(log |x|) < 0.15; see below.
+* else a tree of ``num_leaves = round(sqrt(N))`` leaves trained by spherical k-means (centroids
+  normalised, rows and queries assigned to the centroid of largest inner product: what FAISS's IVF
+  does for inner-product search) on ``min(N, max(100_000, 100 * num_leaves))`` sampled rows; a
+  query searches ``ceil(LEAVES_FRACTION * num_leaves)`` leaves (10%, at least
+  ``MIN_LEAVES_TO_SEARCH``); AH scoring with 2 dims per block (16 centers each) and anisotropic
+  quantization threshold 0.2; the best ``REORDER_FACTOR * k`` (100 for k = 10) AH candidates are
+  rescored exactly in float32 (``reorder_dtype="float32"``, the scores returned are exact inner
+  products, 4 D bytes per row) or in int8 (``"int8"``: D bytes per row, scores approximate).
 
-Measured with ``experiments/bench/mips.py --study trick --n 200000 --dim 128`` (synthetic clustered
-vectors, ``synthetic.py``, lognormal norms with log-std sigma; 1,000 queries; k = 10; 447 leaves,
-reorder 100; QPS batched on 2 CPU cores, noisy), recall@10 against exact search:
+Why spherical: on clustered vectors with varying norms (``synthetic.py``, 250,000 x 768, 500
+leaves, 1,000 queries; scratch measurement recorded in experiments/RESULTS.md), the share of the
+true top 10 that lies in the leaves searched, at 1 / 2 / 5 / 10 / 25 leaves:
 
-| sigma | trick | 2% leaves | 5% | 10% | 20% |
-|---|---|---|---|---|---|
-| 0.1 | no | 0.859 | 0.916 | 0.948 | 0.973 |
-| 0.1 | yes | 0.908 | 0.940 | 0.961 | 0.979 |
-| 0.25 | no | 0.829 | 0.871 | 0.912 | 0.951 |
-| 0.25 | yes | 0.758 | 0.826 | 0.886 | 0.929 |
-| 0.5 | no | 0.617 | 0.682 | 0.737 | 0.786 |
-| 0.5 | yes | 0.470 | 0.584 | 0.670 | 0.738 |
+| norm log-std | tree | 1 | 2 | 5 | 10 | 25 |
+|---|---|---|---|---|---|---|
+| 0.25 | k-means on squared L2 (ScaNN's default) | 0.849 | 0.876 | 0.896 | 0.907 | 0.923 |
+| 0.25 | spherical k-means (ours) | 0.977 | 0.979 | 0.981 | 0.982 | 0.985 |
+| 0.25 | MIPS trick + spherical k-means | 0.745 | 0.871 | 0.929 | 0.946 | 0.959 |
 
-The trick helps when norms are nearly equal (sigma 0.1; DPR-like) and hurts when they spread
-(the padded coordinate dominates the small-norm vectors and the quantization), hence the 0.15
-threshold; a reorder of 300 instead of 100 changed recall by < 0.01 (the tree is the limit). This
-synthetic set is harder than real passage embeddings (overlapping clusters), and a smaller corpus
-needs a larger share of its sqrt(N) leaves (20k x 64: ~25% for 0.95; 10k: ~40%): check recall on
-held-out queries with ``exact_search_numpy`` and pass ``leaves_to_search`` to ``build`` or
-``search`` for a real corpus.
+(norm log-std 0.1: squared L2 0.844 at 1 leaf, spherical 0.978, trick + spherical 0.63; FAISS's
+``IVF500`` spherical k-means 0.960.) The MIPS -> nearest-neighbour trick (Bachrach et al. 2014, as in
+DPR's HNSW index: every row gets one more coordinate ``sqrt(M^2 - |x|^2)`` so all have norm M,
+queries get a 0) stays available (``mips_trick=True``) but is off by default: the padded coordinate
+is common to all rows and blurs the directions the partition needs. A smaller corpus needs a larger
+share of its sqrt(N) leaves: check recall on held-out queries with ``exact_search_numpy`` and pass
+``leaves_to_search`` to ``build`` or ``search`` for a real corpus.
 
 Sharing: ScaNN's Python API trains a searcher on the rows it indexes (on a sample of
 ``training_sample_size`` of them) and has no call to reuse a trained tree for other rows, so each
@@ -51,6 +47,7 @@ from typing import Sized
 
 import numpy as np
 import scann
+from scann.scann_ops.py.scann_builder import ReorderType
 
 from rag_jax.retrieval.index import check_build_inputs, check_queries, merge_topk, read_meta, write_meta
 
@@ -60,7 +57,7 @@ MIN_LEAVES_TO_SEARCH = 8
 REORDER_FACTOR = 10
 DEFAULT_K = 10  # the k the searcher is configured for; search() passes its own
 ROW_BLOCK = 65536
-TRICK_BELOW_LOG_NORM_STD = 0.15  # mips_trick=None: use the trick when std(log |x|) is below this
+REORDER_DTYPES = {"float32": ReorderType.FLOAT32, "int8": ReorderType.INT8}
 
 
 def _squared_norms(embeddings, n: int) -> np.ndarray:
@@ -101,7 +98,9 @@ class ScannIndex:
         leaves_to_search: int | None = None,
         leaves_fraction: float = LEAVES_FRACTION,
         reorder_factor: int = REORDER_FACTOR,
-        mips_trick: bool | None = None,
+        mips_trick: bool = False,
+        spherical: bool = True,
+        reorder_dtype: str = "float32",
         brute_force_below: int = BRUTE_FORCE_BELOW,
         training_sample_size: int | None = None,
         dims_per_block: int = 2,
@@ -110,23 +109,22 @@ class ScannIndex:
         passages: Sized | None = None,
     ) -> "ScannIndex":
         """Build a searcher over ``embeddings`` [N, D]; every argument has a default from N (see
-        the module docstring). ``mips_trick=None`` decides from the norms."""
+        the module docstring)."""
         n, dim = check_build_inputs(embeddings, passages)
+        if reorder_dtype not in REORDER_DTYPES:
+            raise ValueError(f"reorder_dtype must be one of {sorted(REORDER_DTYPES)}, got {reorder_dtype!r}")
         tree = n >= brute_force_below
-        sq_norms = _squared_norms(embeddings, n)
-        log_norm_std = float(np.std(0.5 * np.log(np.maximum(sq_norms, 1e-30))))
-        mips_trick = tree and (log_norm_std < TRICK_BELOW_LOG_NORM_STD if mips_trick is None else mips_trick)
-        db, max_norm = _database(embeddings, n, dim, sq_norms if mips_trick else None)
-        del sq_norms
+        mips_trick = tree and mips_trick
+        db, max_norm = _database(embeddings, n, dim, _squared_norms(embeddings, n) if mips_trick else None)
         builder = scann.scann_ops_pybind.builder(db, DEFAULT_K, "dot_product")
         if tree:
             num_leaves = num_leaves or max(1, round(math.sqrt(n)))
             leaves_to_search = leaves_to_search or min(num_leaves, max(MIN_LEAVES_TO_SEARCH, math.ceil(leaves_fraction * num_leaves)))
             sample = training_sample_size or min(n, max(100_000, 100 * num_leaves))
             builder = (
-                builder.tree(num_leaves=num_leaves, num_leaves_to_search=leaves_to_search, training_sample_size=sample, spherical=mips_trick)
+                builder.tree(num_leaves=num_leaves, num_leaves_to_search=leaves_to_search, training_sample_size=sample, spherical=spherical)
                 .score_ah(dims_per_block, anisotropic_quantization_threshold=anisotropic_quantization_threshold, training_sample_size=sample)
-                .reorder(reorder_factor * DEFAULT_K)
+                .reorder(reorder_factor * DEFAULT_K, quantize=REORDER_DTYPES[reorder_dtype])
             )
         else:
             num_leaves = leaves_to_search = 0
@@ -138,8 +136,8 @@ class ScannIndex:
         if num_threads:
             searcher.set_num_threads(num_threads)
         meta = {
-            "kind": "scann", "size": n, "dim": dim, "mips_trick": mips_trick, "max_norm": max_norm, "log_norm_std": log_norm_std,
-            "tree": tree, "num_leaves": num_leaves, "leaves_to_search": leaves_to_search, "reorder_factor": reorder_factor,
+            "kind": "scann", "size": n, "dim": dim, "mips_trick": mips_trick, "max_norm": max_norm, "spherical": tree and spherical,
+            "reorder_dtype": reorder_dtype if tree else "float32", "tree": tree, "num_leaves": num_leaves, "leaves_to_search": leaves_to_search, "reorder_factor": reorder_factor,
         }
         return cls(searcher, meta)
 
