@@ -51,3 +51,24 @@ def test_mask_does_not_depend_on_the_sharding():
     unsharded = f(x, key)
     sharded = f(jax.device_put(x, NamedSharding(mesh, P("data", None))), key)
     np.testing.assert_array_equal(sharded, unsharded)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_uniform_for_every_key_type(impl):
+    u = np.asarray(random_uint16(jax.random.key(2, impl=impl), (50, 2001)))
+    assert u.dtype == np.uint16 and u.shape == (50, 2001)
+    counts = np.bincount((u >> 12).ravel(), minlength=16)
+    assert np.all(np.abs(counts - u.size / 16) < 6 * np.sqrt(u.size / 16))
+    # neighbouring elements are not correlated (the four numbers of one hash, and across rows)
+    centred = u.astype(np.float64) - 32767.5
+    for a, b in ((centred[:, :-1], centred[:, 1:]), (centred[:-1], centred[1:])):
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+
+
+def test_vmapped_keys_give_each_their_own_mask():  # as per_doc_logits draws one key per document
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jnp.ones((4, 10))
+    batched = jax.jit(jax.vmap(lambda key: dropout(x, 0.5, key)))(keys)
+    for i, key in enumerate(keys):
+        np.testing.assert_array_equal(batched[i], dropout(x, 0.5, key))
+    assert not np.array_equal(batched[0], batched[1])

@@ -117,3 +117,5 @@ def test_build_index_refuses_flags_of_the_other_kind(files):
         run(
             ["build-index", "--embeddings", str(root), "--out", str(root / "x"), "--kind", "exact", "--num-leaves", "4"]
         )
+    with pytest.raises(SystemExit, match="--reorder-dtype apply to --kind scann only"):
+        run(["build-index", "--embeddings", str(root), "--out", str(root / "x"), "--kind", "exact", "--reorder-dtype", "int8"])

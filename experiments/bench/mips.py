@@ -80,9 +80,9 @@ def exact_method(x, dtype):
     )
 
 
-def scann_method(x, reorder_dtype="float32"):
+def scann_method(x, reorder_dtype="float32", dims_per_block=2):
     def build():
-        return ScannIndex.build(x, reorder_dtype=reorder_dtype)
+        return ScannIndex.build(x, reorder_dtype=reorder_dtype, dims_per_block=dims_per_block)
 
     def search(ix, q, k, p):
         return ix.search(q, k, leaves_to_search=p[0], reorder_factor=p[1])[0]
@@ -99,7 +99,7 @@ def scann_method(x, reorder_dtype="float32"):
     leaves = max(1, round(math.sqrt(len(x))))
     params = [(max(1, round(f * leaves)), r) for f in (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2) for r in (5, 10, 20)]
     params = sorted(set(params), key=lambda p: (p[0] * 1000 + p[1]))
-    name = f"ScaNN spherical tree{leaves}+AH(2)+reorder {reorder_dtype}"
+    name = f"ScaNN spherical tree{leaves}+AH({dims_per_block})+reorder {reorder_dtype}"
     return Method(name, build, search, params, nbytes, single, scaling="partition")
 
 
@@ -123,7 +123,7 @@ def faiss_method(x, kind):
             ix.hnsw.efSearch = max(ef, k)
             return ix.search(q, k)[1]
 
-        return Method(f"FAISS IndexHNSWFlat M={m} (IP, efC=40)", build, search, [16, 32, 64, 128, 256, 512, 1024], nbytes, scaling="log")
+        return Method(f"FAISS IndexHNSWFlat M={m} (IP, efC=40)", build, search, [16, 32, 64, 128, 256, 512, 1024, 2048, 4096], nbytes, scaling="log")
 
     nlist = max(1, round(math.sqrt(len(x))))
     spec = f"IVF{nlist},PQ{d // 2}x4fs,RFlat"
@@ -201,7 +201,7 @@ def benchmark(args) -> str:
         "exact": lambda: exact_method(x, "float32"),
         "exact-bf16": lambda: exact_method(x, "bfloat16"),
         "scann": lambda: scann_method(x),
-        "scann-int8": lambda: scann_method(x, "int8"),
+        "scann-int8": lambda: scann_method(x, "int8", dims_per_block=3),  # 1 byte/dim + 1 byte per 3 dims
         "hnsw32": lambda: faiss_method(x, "hnsw32"),
         "hnsw64": lambda: faiss_method(x, "hnsw64"),
         "ivfpq": lambda: faiss_method(x, "ivfpq"),

@@ -14,7 +14,7 @@ import os
 import time
 
 INDEX_KINDS = ("scann", "exact")
-SCANN_OPTIONS = ("num_leaves", "leaves_to_search", "reorder_factor")
+SCANN_OPTIONS = ("num_leaves", "leaves_to_search", "reorder_factor", "reorder_dtype")
 
 
 def _folder_size(directory: str) -> int:
@@ -142,5 +142,11 @@ def register(sub) -> None:
         type=int,
         default=None,
         help="scann: exact rescoring of reorder_factor * k candidates (default 10)",
+    )
+    build.add_argument(
+        "--reorder-dtype",
+        default=None,
+        choices=("float32", "int8"),
+        help="scann: rescoring copy of the rows, float32 (exact scores, 4 bytes/dim; default) or int8 (1 byte/dim)",
     )
     build.set_defaults(handler=_build_index)
