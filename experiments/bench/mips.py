@@ -28,6 +28,7 @@ import numpy as np
 
 from rag_jax.retrieval.exact import ExactIndex
 from rag_jax.retrieval.index import exact_search_numpy
+from rag_jax.retrieval import scann_index
 from rag_jax.retrieval.scann_index import ScannIndex
 from rag_jax.retrieval.synthetic import clustered_queries, clustered_vectors
 
@@ -128,13 +129,13 @@ def faiss_method(x, kind):
 
     nlist = max(1, round(math.sqrt(len(x))))
     spec = f"IVF{nlist},PQ{d // 2}x4fs,RFlat"
-    matched = kind == "ivfpq-matched"  # ScannIndex's k-means budget: 25 iterations, 500 rows per list
+    matched = kind == "ivfpq-matched"  # ScannIndex's k-means budget (iterations, rows per list)
 
     def build():
         ix = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
         if matched:
-            faiss.extract_index_ivf(ix).cp.niter = 25
-            faiss.extract_index_ivf(ix).cp.max_points_per_centroid = 500
+            faiss.extract_index_ivf(ix).cp.niter = scann_index.TRAINING_ITERATIONS
+            faiss.extract_index_ivf(ix).cp.max_points_per_centroid = scann_index.TRAINING_ROWS_PER_LEAF
         ix.train(x)
         ix.add(x)
         return ix
@@ -145,7 +146,7 @@ def faiss_method(x, kind):
         return ix.search(q, k)[1]
 
     params = [(p, r) for p in (1, 2, 4, 8, 16, 32, 64, 128) for r in (4, 10, 20)]
-    training = ", k-means 25 iter. x 500 rows/list" if matched else ""
+    training = f", k-means {scann_index.TRAINING_ITERATIONS} iter. x {scann_index.TRAINING_ROWS_PER_LEAF} rows/list" if matched else ""
     return Method(f"FAISS {spec} (IP{training})", build, search, params, nbytes, scaling="partition")
 
 
@@ -235,20 +236,19 @@ def partition_study(args) -> str:
         "|---|---|" + "---|" * len(leaves_searched),
     ]
     num_leaves = max(1, round(math.sqrt(args.n)))
-    sample = min(args.n, 500 * num_leaves)
+    sample = min(args.n, scann_index.TRAINING_ROWS_PER_LEAF * num_leaves)
     for sigma in (0.1, 0.25, 0.5):
         x = clustered_vectors(args.n, args.dim, norm_sigma=sigma)
         q = clustered_queries(args.queries, args.dim, n=args.n)
         truth, _ = exact_search_numpy(x, q, args.k)
-        sq = np.einsum("nd,nd->n", x, x)
-        x_trick = np.concatenate([x, np.sqrt(sq.max() - sq)[:, None]], axis=1).astype(np.float32)
+        x_trick, _ = scann_index._database(x, len(x), args.dim, scann_index._squared_norms(x, len(x)))
         q_trick = np.concatenate([q, np.zeros((len(q), 1), np.float32)], axis=1)
         variants = (("k-means on squared L2 (ScaNN's default)", x, q, False), ("spherical k-means", x, q, True),
                     ("MIPS trick + spherical k-means", x_trick, q_trick, True))  # fmt: skip
         for name, db, queries, spherical in variants:
             searcher = (
                 scann.scann_ops_pybind.builder(db, args.k, "dot_product")
-                .tree(num_leaves=num_leaves, num_leaves_to_search=1, training_sample_size=sample, training_iterations=25, spherical=spherical)
+                .tree(num_leaves=num_leaves, num_leaves_to_search=1, training_sample_size=sample, training_iterations=scann_index.TRAINING_ITERATIONS, spherical=spherical)
                 .score_brute_force()
                 .build()
             )
