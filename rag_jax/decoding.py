@@ -67,7 +67,7 @@ from flax import nnx
 
 from rag_jax import objective
 from rag_jax.config import BartConfig
-from rag_jax.models.bart import Bart, DecodeCache, LayerCache
+from rag_jax.models.bart import Bart, DecodeCache, with_decoder_rows
 
 NEG_SCORE = -1.0e9
 """transformers' "very large negative" beam score (masks beams without making them -inf)."""
@@ -389,30 +389,15 @@ def beam_search(
 # The BART side: cache rows, the per-token step, beam reordering
 
 
-def _cache_rows(base: DecodeCache, rows_R: jax.Array, slots: int) -> DecodeCache:
-    """A fresh cache of ``slots`` decoder positions whose row r cross-attends like ``base`` row ``rows[r]``
-    (the cross-attention keys/values are projected once, for the base rows, and gathered)."""
-
-    def layer(c: LayerCache) -> LayerCache:
-        cross_k_RxHxSxK, cross_v_RxHxSxK = c.cross_k_BxHxSxK[rows_R], c.cross_v_BxHxSxK[rows_R]
-        r, h, _, d = cross_k_RxHxSxK.shape
-        zeros_RxHxMxK = jnp.zeros((r, h, slots, d), c.self_k_BxHxMxK.dtype)
-        return LayerCache(zeros_RxHxMxK, zeros_RxHxMxK, cross_k_RxHxSxK, cross_v_RxHxSxK)
-
-    return DecodeCache(
-        tuple(layer(c) for c in base.layers), base.encoder_mask_BxS[rows_R], jnp.zeros(rows_R.shape, jnp.int32)
-    )
-
-
 def _reorder_beams(cache: DecodeCache, source_BxN: jax.Array, n_docs: int) -> DecodeCache:
-    """Rows ``(b, n, k)`` continue the self-attention state of rows ``(b, source[b, n], k)``.
+    """Rows ``(b, k, n)`` continue the self-attention state of rows ``(b, k, source[b, n])``.
 
-    Only the self-attention keys/values move: the cross-attention keys/values and the encoder mask of
-    ``(b, n, k)`` depend on (b, k) alone, so a permutation of beams leaves them as they are.
+    Only the self-attention keys/values move: the cross-attention state is per (b, k), shared by the
+    beams (see ``with_decoder_rows``).
     """
     b, n = source_BxN.shape
-    beam_rows_BxNx1 = (jnp.arange(b)[:, None] * n + source_BxN)[:, :, None]
-    rows_R = (beam_rows_BxNx1 * n_docs + jnp.arange(n_docs)[None, None, :]).reshape(-1)
+    doc_rows_BxKx1 = (jnp.arange(b)[:, None] * n_docs + jnp.arange(n_docs)[None, :])[:, :, None]
+    rows_R = (doc_rows_BxKx1 * n + source_BxN[:, None, :]).reshape(-1)
     layers = tuple(
         dataclasses.replace(c, self_k_BxHxMxK=c.self_k_BxHxMxK[rows_R], self_v_BxHxMxK=c.self_v_BxHxMxK[rows_R])
         for c in cache.layers
@@ -420,36 +405,39 @@ def _reorder_beams(cache: DecodeCache, source_BxN: jax.Array, n_docs: int) -> De
     return dataclasses.replace(cache, layers=layers)
 
 
-def _step_fn(model: Bart, n_docs: int, doc_scores_RxK: jax.Array | None) -> StepFn:
-    """One decoder step for R search rows, each backed by ``n_docs`` cache rows (row-major).
+def _step_fn(model: Bart, n_docs: int, num_beams: int, doc_scores_BxK: jax.Array | None) -> StepFn:
+    """One decoder step for the search rows ``(b, n)``, each backed by ``n_docs`` cache rows ``(b, k, n)``.
 
-    With ``doc_scores`` the step returns the RAG-Token marginal log-probabilities ``[R, V]``; without
+    With ``doc_scores`` the step returns the RAG-Token marginal log-probabilities ``[B * N, V]``; without
     (``n_docs == 1``) the raw BART logits.
     """
 
     def step(last_tokens_R: jax.Array, cache: DecodeCache):
-        ids_Rk = jnp.repeat(last_tokens_R, n_docs)[:, None]
-        logits_Rkx1xV, cache = model.decode(ids_Rk, None, None, cache=cache)
-        logits_RxKx1xV = logits_Rkx1xV.reshape(-1, n_docs, 1, logits_Rkx1xV.shape[-1])
-        if doc_scores_RxK is None:
-            return logits_RxKx1xV[:, 0, 0], cache
-        return objective.marginal_log_probs(logits_RxKx1xV, doc_scores_RxK)[:, 0], cache
+        last_tokens_Bx1xN = last_tokens_R.reshape(-1, 1, num_beams)
+        b = last_tokens_Bx1xN.shape[0]
+        ids_Rx1 = jnp.broadcast_to(last_tokens_Bx1xN, (b, n_docs, num_beams)).reshape(-1, 1)
+        logits_Rx1xV, cache = model.decode(ids_Rx1, None, None, cache=cache)
+        logits_BxKxNxV = logits_Rx1xV.reshape(b, n_docs, num_beams, -1)
+        if doc_scores_BxK is None:
+            scores_BxNxV = logits_BxKxNxV[:, 0]
+        else:  # the beam axis stands where marginal_log_probs has the target positions
+            scores_BxNxV = objective.marginal_log_probs(logits_BxKxNxV, doc_scores_BxK)
+        return scores_BxNxV.reshape(b * num_beams, -1), cache
 
     return step
 
 
 def _encode(model: Bart, ids_NxS: jax.Array, mask_NxS: jax.Array) -> DecodeCache:
     """The encoder pass, once, as a cache holding every layer's cross-attention keys/values."""
-    return model.init_cache(model.encode(ids_NxS, mask_NxS), mask_NxS, max_length=1)
+    return model.init_cache(model.encode(ids_NxS, mask_NxS), mask_NxS, max_length=0)
 
 
 def _search(model: Bart, base: DecodeCache, n_examples: int, n_docs: int, doc_scores_BxK, options) -> SearchResult:
     """Greedy or beam search for ``n_examples`` examples whose ``n_docs`` documents are base-cache rows
     ``b * n_docs + k``; marginalised over the documents (RAG-Token) when ``doc_scores`` is given."""
     n = options.num_beams
-    rows_R = jnp.broadcast_to(jnp.arange(n_examples * n_docs).reshape(n_examples, 1, n_docs), (n_examples, n, n_docs))
-    cache = _cache_rows(base, rows_R.reshape(-1), options.max_length - 1)
-    step = _step_fn(model, n_docs, None if doc_scores_BxK is None else jnp.repeat(doc_scores_BxK, n, axis=0))
+    cache = with_decoder_rows(base, n, options.max_length - 1)
+    step = _step_fn(model, n_docs, n, doc_scores_BxK)
     if n == 1:
         return greedy_search(step, cache, n_examples, options)
     reorder = functools.partial(_reorder_beams, n_docs=n_docs)
@@ -527,25 +515,24 @@ def _thorough_scores(
     b, c, length = candidates_BxCxL.shape
     k = doc_scores_BxK.shape[1]
     chunk = _rescoring_chunk(c, b * k, length, model.config.vocab_size, chunk_limit)
-    rows_R = jnp.broadcast_to(jnp.arange(b * k).reshape(1, b, k), (chunk, b, k)).reshape(-1)  # rows (c, b, k)
-    cache = _cache_rows(base, rows_R, length)
-    scores_RxK = jnp.broadcast_to(doc_scores_BxK, (chunk, b, k)).reshape(chunk * b, k)
+    cache = with_decoder_rows(base, chunk, length)  # rows (b, k, c)
     loss_kw = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, epsilon=epsilon, form=objective.PARITY_FORM)
 
-    def loss_one_row(logits_KxLxV, scores_K, labels_L, exclude_bos_score):
+    def loss_one_candidate(logits_KxLxV, scores_K, labels_L, exclude_bos_score):
         return objective.rag_sequence_loss(
             logits_KxLxV[None], scores_K[None], labels_L[None], exclude_bos_score=exclude_bos_score, **loss_kw
         )[0]
 
+    # over the question's candidates (axis 1 of the [B, K, c, L, V] logits), then over the questions
+    per_question = jax.vmap(jax.vmap(loss_one_candidate, in_axes=(1, None, 0, None)), in_axes=(0, 0, 0, None))
+
     def losses(labels_cxBxL):
-        labels_RxL = jnp.repeat(labels_cxBxL.reshape(chunk * b, length), k, axis=0)
+        labels_BxcxL = labels_cxBxL.transpose(1, 0, 2)
+        labels_RxL = jnp.broadcast_to(labels_BxcxL[:, None], (b, k, chunk, length)).reshape(-1, length)
         logits_RxLxV, _ = model.decode(labels_RxL, None, None, cache=cache)
-        logits_cBxKxLxV = logits_RxLxV.reshape(chunk * b, k, length, -1)
-        labels_cBxL = labels_cxBxL.reshape(chunk * b, length)
-        per_row = jax.vmap(loss_one_row, in_axes=(0, 0, 0, None))
-        return (
-            per_row(logits_cBxKxLxV, scores_RxK, labels_cBxL, False).reshape(chunk, b),
-            per_row(logits_cBxKxLxV, scores_RxK, labels_cBxL, True).reshape(chunk, b),
+        logits_BxKxcxLxV = logits_RxLxV.reshape(b, k, chunk, length, -1)
+        return tuple(
+            per_question(logits_BxKxcxLxV, doc_scores_BxK, labels_BxcxL, exclude).T for exclude in (False, True)
         )
 
     def losses_unless_dead(start_and_labels):

@@ -235,6 +235,24 @@ def test_cache_rows_reorder_like_beams(gelu, inputs):
     np.testing.assert_allclose(logits, expected[perm], atol=1e-6)
 
 
+def test_decoder_rows_share_encoder_rows(gelu, inputs):
+    """Two decoder rows per encoder row (other tokens, other decoder masks) read the shared cross-attention
+    keys/values as rows of a cache built from the repeated encoder output do, prefix and single steps."""
+    model, _, enc = gelu
+    _, mask, dec, dec_mask = inputs
+    graphdef, state = nnx.split(model)
+    dec_R = np.stack([dec, np.roll(dec, 1, axis=0)], axis=1).reshape(6, -1)  # rows (c, g)
+    dec_mask_R = np.stack([dec_mask, np.roll(dec_mask, 1, axis=0)], axis=1).reshape(6, -1)
+    shared = model.init_cache(enc, mask, max_length=8, rows_per_input=2)
+    copied = model.init_cache(jnp.repeat(enc, 2, axis=0), jnp.repeat(mask, 2, axis=0), max_length=8)
+    assert shared.layers[0].cross_k_CxHxSxK.shape[0] == 3 and shared.layers[0].self_k_BxHxMxK.shape[0] == 6
+    for ids in (dec_R[:, :3], dec_R[:, 3:4], dec_R[:, 4:5]):
+        logits, shared = _decode_step(graphdef, state, ids, shared, dec_mask_R)
+        expected, copied = _decode_step(graphdef, state, ids, copied, dec_mask_R)
+        assert _max_diff(logits, expected) <= 1e-6
+    np.testing.assert_array_equal(shared.index_B, [5] * 6)
+
+
 def _dropout_config() -> BartConfig:
     return BartConfig(
         **{**TINY, "decoder_layers": 1, "encoder_layers": 1},

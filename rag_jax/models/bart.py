@@ -43,13 +43,14 @@ class LayerCache:
     """One decoder layer's attention keys and values, heads split: ``[B, H, L, Dh]``.
 
     ``self_*`` hold ``max_length`` slots of which the first ``index`` are written; ``cross_*`` are the
-    encoder output projected once by the layer's cross-attention.
+    encoder output projected once by the layer's cross-attention. ``cross_*`` may have ``C = B / G``
+    rows, one per run of G consecutive decoder rows (beams of one input share its encoder states).
     """
 
     self_k_BxHxMxK: jax.Array
     self_v_BxHxMxK: jax.Array
-    cross_k_BxHxSxK: jax.Array
-    cross_v_BxHxSxK: jax.Array
+    cross_k_CxHxSxK: jax.Array
+    cross_v_CxHxSxK: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -57,18 +58,35 @@ class LayerCache:
 class DecodeCache:
     """The decoder state between incremental ``Bart.decode`` calls.
 
-    Every leaf has the batch as its leading axis, so beams are reordered (or rows repeated) with
-    ``jax.tree.map(lambda x: x[beam_idx], cache)``. ``index_B`` is the number of tokens already decoded,
-    one int32 per row; all rows advance together, and ``index + T`` must stay ``<= max_length``.
+    Every leaf has the decoder rows (B) or, for the cross-attention state, the encoder rows (C, with B
+    a multiple of C) as its leading axis. Where C = B, beams are reordered (or rows repeated) with
+    ``jax.tree.map(lambda x: x[beam_idx], cache)``; where C < B, only the self-attention state moves
+    (within each run of B / C rows). ``index_B`` is the number of tokens already decoded, one int32 per
+    row; all rows advance together, and ``index + T`` must stay ``<= max_length``.
     """
 
     layers: tuple[LayerCache, ...]
-    encoder_mask_BxS: jax.Array  # the encoder attention mask used by the cross-attention
+    encoder_mask_CxS: jax.Array  # the encoder attention mask used by the cross-attention
     index_B: jax.Array
 
     @property
     def max_length(self) -> int:
         return self.layers[0].self_k_BxHxMxK.shape[2]
+
+
+def with_decoder_rows(cache: DecodeCache, rows_per_input: int, max_length: int) -> DecodeCache:
+    """``cache``'s cross-attention state with an empty self-attention state of ``max_length`` slots for
+    ``rows_per_input`` decoder rows per encoder row: rows ``c * rows_per_input .. (c + 1) * rows_per_input - 1``
+    cross-attend to encoder row c, whose keys/values are shared, not copied (the attention reads them
+    once for the whole run of rows)."""
+    rows = cache.encoder_mask_CxS.shape[0] * rows_per_input
+
+    def layer(c: LayerCache) -> LayerCache:
+        _, h, _, d = c.cross_k_CxHxSxK.shape
+        zeros_RxHxMxK = jnp.zeros((rows, h, max_length, d), c.self_k_BxHxMxK.dtype)
+        return dataclasses.replace(c, self_k_BxHxMxK=zeros_RxHxMxK, self_v_BxHxMxK=zeros_RxHxMxK)
+
+    return DecodeCache(tuple(layer(c) for c in cache.layers), cache.encoder_mask_CxS, jnp.zeros((rows,), jnp.int32))
 
 
 def _dropout_keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -134,17 +152,25 @@ class Attention(nnx.Module):
         """Keys and values of ``x``, heads split: two ``[B, H, S, Dh]``."""
         return self._split_heads(self.k_proj(x_BxSxD)), self._split_heads(self.v_proj(x_BxSxD))
 
-    def __call__(self, x_BxTxD, k_BxHxSxK, v_BxHxSxK, mask_Bx1xTxS, *, key: jax.Array | None) -> jax.Array:
-        """Attend from ``x`` to the given keys/values where ``mask`` is True; ``key`` drives the dropout."""
-        q_BxHxTxK = self._split_heads(self.q_proj(x_BxTxD))
-        q_BxHxTxK = (q_BxHxTxK * jnp.asarray(self.head_dim**-0.5, q_BxHxTxK.dtype)).astype(k_BxHxSxK.dtype)
-        scores_BxHxTxS = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxSxK, preferred_element_type=jnp.float32)
-        scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS, _MASKED)
-        probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
-        probs_BxHxTxS = dropout(probs_BxHxTxS, self.dropout_rate, key)
-        out_BxTxHxK = jnp.einsum("bhts,bhsk->bthk", probs_BxHxTxS.astype(v_BxHxSxK.dtype), v_BxHxSxK)
+    def __call__(self, x_BxTxD, k_CxHxSxK, v_CxHxSxK, mask_Cx1xTxS, *, key: jax.Array | None) -> jax.Array:
+        """Attend from ``x`` to the given keys/values where ``mask`` is True; ``key`` drives the dropout.
+
+        The keys, values and mask may have ``C = B / G`` rows: then each run of G consecutive rows of
+        ``x`` (the beams of one document) attends to one row of them, as G * T queries of that row, so
+        shared keys/values are neither copied nor read G times (the mask's T axis must then be 1).
+        """
         b, t = x_BxTxD.shape[:2]
-        return self.out_proj(out_BxTxHxK.reshape(b, t, self.num_heads * self.head_dim))
+        c, h, _, dh = k_CxHxSxK.shape
+        q_BxHxTxK = self._split_heads(self.q_proj(x_BxTxD))
+        q_BxHxTxK = (q_BxHxTxK * jnp.asarray(dh**-0.5, q_BxHxTxK.dtype)).astype(k_CxHxSxK.dtype)
+        q_CxHxQxK = q_BxHxTxK.reshape(c, b // c, h, t, dh).transpose(0, 2, 1, 3, 4).reshape(c, h, -1, dh)
+        scores_CxHxQxS = jnp.einsum("chqk,chsk->chqs", q_CxHxQxK, k_CxHxSxK, preferred_element_type=jnp.float32)
+        scores_CxHxQxS = jnp.where(mask_Cx1xTxS, scores_CxHxQxS, _MASKED)
+        probs_CxHxQxS = jax.nn.softmax(scores_CxHxQxS, axis=-1)
+        probs_CxHxQxS = dropout(probs_CxHxQxS, self.dropout_rate, key)
+        # heads stay a batch axis of the product (XLA:CPU runs a dot whose output moves them much slower)
+        out_CxHxQxK = jnp.einsum("chqs,chsk->chqk", probs_CxHxQxS.astype(v_CxHxSxK.dtype), v_CxHxSxK)
+        return self.out_proj(out_CxHxQxK.transpose(0, 2, 1, 3).reshape(b, t, h * dh))
 
 
 class _Layer(nnx.Module):
@@ -204,7 +230,7 @@ class DecoderLayer(_Layer):
         self.encoder_attn = Attention(cfg, heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.encoder_attn_layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, h_BxTxD, self_mask_Bx1xTxL, cross_kv, cross_mask_Bx1x1xS, self_kv, index_B, key):
+    def __call__(self, h_BxTxD, self_mask_Bx1xTxL, cross_kv, cross_mask_Cx1x1xS, self_kv, index_B, key):
         """One layer. With ``self_kv`` (the cached ``[B, H, M, Dh]`` keys/values), this step's keys/values
         are written at ``index_B`` and attention runs over the cache; without, over ``h`` itself.
 
@@ -219,7 +245,7 @@ class DecoderLayer(_Layer):
         h_BxTxD = self._block_output(self.self_attn_layer_norm, h_BxTxD, out_BxTxD, keys[1])
 
         x_BxTxD = self._block_input(self.encoder_attn_layer_norm, h_BxTxD)
-        out_BxTxD = self.encoder_attn(x_BxTxD, *cross_kv, cross_mask_Bx1x1xS, key=keys[2])
+        out_BxTxD = self.encoder_attn(x_BxTxD, *cross_kv, cross_mask_Cx1x1xS, key=keys[2])
         h_BxTxD = self._block_output(self.encoder_attn_layer_norm, h_BxTxD, out_BxTxD, keys[3])
         return self._feed_forward(h_BxTxD, keys[4:]), (k_BxHxLxK, v_BxHxLxK)
 
@@ -287,7 +313,7 @@ class Decoder(_Stack):
         layers = [DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(cfg.decoder_layers)]
         super().__init__(cfg, layers, rngs=rngs, param_dtype=param_dtype, remat=remat)
 
-    def __call__(self, tokens_BxTxD, index_B, self_mask_Bx1xTxL, cross_mask_Bx1x1xS, layer_kvs, key):
+    def __call__(self, tokens_BxTxD, index_B, self_mask_Bx1xTxL, cross_mask_Cx1x1xS, layer_kvs, key):
         """``layer_kvs[i]`` is ``(cross_kv, self_kv or None)`` for layer i; returns hidden states and the
         self-attention keys/values of every layer."""
         keys = _dropout_keys(key, len(self.layers) + 1)
@@ -297,7 +323,7 @@ class Decoder(_Stack):
         self_kvs = []
         for layer, (cross_kv, self_kv), layer_key in zip(self.layers, layer_kvs, keys[1:]):
             h_BxTxD, kv = call(
-                layer, h_BxTxD, self_mask_Bx1xTxL, cross_kv, cross_mask_Bx1x1xS, self_kv, index_B, layer_key
+                layer, h_BxTxD, self_mask_Bx1xTxL, cross_kv, cross_mask_Cx1x1xS, self_kv, index_B, layer_key
             )
             self_kvs.append(kv)
         return self._final(h_BxTxD), self_kvs
@@ -348,17 +374,17 @@ class Bart(nnx.Module):
         key = _draw_key(deterministic, rngs)
         return self.encoder(self._embed_tokens(input_ids_BxS), attention_mask_BxS, key)
 
-    def init_cache(self, enc_BxSxD, attention_mask_BxS, max_length: int) -> DecodeCache:
+    def init_cache(self, enc_CxSxD, attention_mask_CxS, max_length: int, rows_per_input: int = 1) -> DecodeCache:
         """An empty ``DecodeCache`` for up to ``max_length`` decoded tokens, with every layer's
-        cross-attention keys/values computed once from ``enc``."""
-        b = enc_BxSxD.shape[0]
+        cross-attention keys/values computed once from ``enc``; ``rows_per_input`` decoder rows per
+        encoder row (e.g. the beams of a search) share them (see ``with_decoder_rows``)."""
         layers = []
         for layer in self.decoder.layers:
-            attn = layer.encoder_attn
-            zeros_BxHxMxK = jnp.zeros((b, attn.num_heads, max_length, attn.head_dim), self.dtype)
-            cross_k, cross_v = attn.project_kv(enc_BxSxD)
-            layers.append(LayerCache(zeros_BxHxMxK, zeros_BxHxMxK, cross_k, cross_v))
-        return DecodeCache(tuple(layers), attention_mask_BxS, jnp.zeros((b,), jnp.int32))
+            cross_k_CxHxSxK, cross_v_CxHxSxK = layer.encoder_attn.project_kv(enc_CxSxD)
+            no_slots_CxHx0xK = jnp.zeros_like(cross_k_CxHxSxK[:, :, :0], self.dtype)
+            layers.append(LayerCache(no_slots_CxHx0xK, no_slots_CxHx0xK, cross_k_CxHxSxK, cross_v_CxHxSxK))
+        cache = DecodeCache(tuple(layers), attention_mask_CxS, jnp.zeros(attention_mask_CxS.shape[:1], jnp.int32))
+        return with_decoder_rows(cache, rows_per_input, max_length)
 
     def decode(
         self,
@@ -379,7 +405,8 @@ class Bart(nnx.Module):
 
         With ``cache``: the T new tokens sit at positions ``cache.index .. index + T - 1``; the
         cross-attention uses the cache's keys/values and encoder mask (``enc_BxSxD`` and
-        ``attention_mask_BxS`` are then not used and may be None). ``decoder_attention_mask`` is None
+        ``attention_mask_BxS`` are then not used and may be None; a cache with C < B encoder rows serves
+        decoder rows ``c * B / C ..`` from encoder row c, see ``DecodeCache``). ``decoder_attention_mask`` is None
         (no decoder padding) or a mask over cache slots ``[B, L]`` with ``index + T <= L <= max_length``:
         the mask of the whole prefix so far, or a fixed ``[B, max_length]`` mask for use under jit.
         Returns the cache advanced by T.
@@ -389,19 +416,19 @@ class Bart(nnx.Module):
         if cache is None:
             index_B = jnp.zeros((b,), jnp.int32)
             length = t
-            cross_mask_BxS = attention_mask_BxS
+            cross_mask_CxS = attention_mask_BxS
             layer_kvs = [(layer.encoder_attn.project_kv(enc_BxSxD), None) for layer in self.decoder.layers]
         else:
             index_B = cache.index_B
             length = cache.max_length
-            cross_mask_BxS = cache.encoder_mask_BxS
+            cross_mask_CxS = cache.encoder_mask_CxS
             layer_kvs = [
-                ((c.cross_k_BxHxSxK, c.cross_v_BxHxSxK), (c.self_k_BxHxMxK, c.self_v_BxHxMxK)) for c in cache.layers
+                ((c.cross_k_CxHxSxK, c.cross_v_CxHxSxK), (c.self_k_BxHxMxK, c.self_v_BxHxMxK)) for c in cache.layers
             ]
         self_mask_Bx1xTxL = _self_attention_mask(index_B, t, length, decoder_attention_mask)
-        cross_mask_Bx1x1xS = cross_mask_BxS.astype(bool)[:, None, None, :]
+        cross_mask_Cx1x1xS = cross_mask_CxS.astype(bool)[:, None, None, :]
         h_BxTxD, self_kvs = self.decoder(
-            self._embed_tokens(decoder_input_ids_BxT), index_B, self_mask_Bx1xTxL, cross_mask_Bx1x1xS, layer_kvs, key
+            self._embed_tokens(decoder_input_ids_BxT), index_B, self_mask_Bx1xTxL, cross_mask_Cx1x1xS, layer_kvs, key
         )
         logits_BxTxV = self._lm_head(h_BxTxD)
         if cache is None:
@@ -409,7 +436,7 @@ class Bart(nnx.Module):
         layers = tuple(
             dataclasses.replace(c, self_k_BxHxMxK=k, self_v_BxHxMxK=v) for c, (k, v) in zip(cache.layers, self_kvs)
         )
-        return logits_BxTxV, DecodeCache(layers, cache.encoder_mask_BxS, index_B + t)
+        return logits_BxTxV, DecodeCache(layers, cache.encoder_mask_CxS, index_B + t)
 
     def _lm_head(self, h_BxTxD) -> jax.Array:
         """Tied output projection (``h @ shared.T``) plus ``final_logits_bias``, in float32."""
