@@ -288,9 +288,9 @@ def report(rows: list[Row], args, total_s: float) -> str:
             "scores of the same padded shape (0 / 0: one compiled program serves the shape bucket), and that "
             f"call's wall time. Threads: torch.set_num_threads({args.threads}); XLA:CPU uses the "
             f"{len(os.sched_getaffinity(0))} core(s) the process may run on (CPU affinity {sorted(os.sched_getaffinity(0))}). "
-            "Load = 1-minute load average before/after timing: the machine's 2 cores were shared with "
-            "other jobs during this run, so absolute figures are noisy; the ratios are measured within one run "
-            f"with alternating blocks. Total run time {total_s:.0f} s."
+            "Load = 1-minute load average before/after timing (this benchmark's own work counts in it); absolute "
+            "figures drift with the host, the ratios are measured within one run with alternating blocks. "
+            f"Total run time {total_s:.0f} s."
         ),
         "",
         f"Command: `{pinning()}python {' '.join(sys.argv)}`",
@@ -307,8 +307,8 @@ def main(argv=None):
     parser.add_argument("--size", choices=["small", "base", "both"], default="both")
     parser.add_argument("--variant", choices=["token", "sequence", "both"], default="both")
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--rounds", type=int, default=3, help="blocks per side")
-    parser.add_argument("--calls", type=int, default=1, help="timed calls per block (after the warmup calls)")
+    parser.add_argument("--rounds", type=int, default=5, help="blocks per side")
+    parser.add_argument("--calls", type=int, default=3, help="timed calls per block (after the warmup calls)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     parser.add_argument("--load-limit", type=float, default=1.5, help="wait until the load average is below this")
     parser.add_argument("--max-wait", type=float, default=0.0, help="longest wait for a quiet CPU (s)")
