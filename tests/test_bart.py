@@ -251,6 +251,10 @@ def test_decoder_rows_share_encoder_rows(gelu, inputs):
         expected, copied = _decode_step(graphdef, state, ids, copied, dec_mask_R)
         assert _max_diff(logits, expected) <= 1e-6
     np.testing.assert_array_equal(shared.index_B, [5] * 6)
+    attention = model.decoder.layers[0].encoder_attn
+    cross_k, cross_v = attention.project_kv(enc)
+    with pytest.raises(ValueError, match="4 query rows cannot share 3 rows"):
+        attention(jnp.zeros((4, 1, enc.shape[-1])), cross_k, cross_v, jnp.ones((3, 1, 1, enc.shape[1]), bool), key=None)
 
 
 def _dropout_config() -> BartConfig:

@@ -161,6 +161,8 @@ class Attention(nnx.Module):
         """
         b, t = x_BxTxD.shape[:2]
         c, h, _, dh = k_CxHxSxK.shape
+        if b % c:
+            raise ValueError(f"{b} query rows cannot share {c} rows of keys/values (not a multiple)")
         q_BxHxTxK = self._split_heads(self.q_proj(x_BxTxD))
         q_BxHxTxK = (q_BxHxTxK * jnp.asarray(dh**-0.5, q_BxHxTxK.dtype)).astype(k_CxHxSxK.dtype)
         q_CxHxQxK = q_BxHxTxK.reshape(c, b // c, h, t, dh).transpose(0, 2, 1, 3, 4).reshape(c, h, -1, dh)
