@@ -134,8 +134,9 @@ def faiss_method(x, kind):
     def build():
         ix = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
         if matched:
-            faiss.extract_index_ivf(ix).cp.niter = scann_index.TRAINING_ITERATIONS
-            faiss.extract_index_ivf(ix).cp.max_points_per_centroid = scann_index.TRAINING_ROWS_PER_LEAF
+            clustering = faiss.extract_index_ivf(ix).cp
+            clustering.niter = scann_index.TRAINING_ITERATIONS
+            clustering.max_points_per_centroid = scann_index.TRAINING_ROWS_PER_LEAF
         ix.train(x)
         ix.add(x)
         return ix
@@ -242,7 +243,7 @@ def partition_study(args) -> str:
         q = clustered_queries(args.queries, args.dim, n=args.n)
         truth, _ = exact_search_numpy(x, q, args.k)
         x_trick, _ = scann_index._database(x, len(x), args.dim, scann_index._squared_norms(x, len(x)))
-        q_trick = np.concatenate([q, np.zeros((len(q), 1), np.float32)], axis=1)
+        q_trick = scann_index._trick_queries(q)
         variants = (("k-means on squared L2 (ScaNN's default)", x, q, False), ("spherical k-means", x, q, True),
                     ("MIPS trick + spherical k-means", x_trick, q_trick, True))  # fmt: skip
         for name, db, queries, spherical in variants:

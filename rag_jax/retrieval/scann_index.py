@@ -90,6 +90,11 @@ def _database(embeddings, n: int, dim: int, sq_norms: np.ndarray | None) -> tupl
     return out, math.sqrt(max_sq)
 
 
+def _trick_queries(queries: np.ndarray) -> np.ndarray:
+    """Queries for a MIPS-trick database: a zero in the extra coordinate, so inner products are unchanged."""
+    return np.concatenate([queries, np.zeros((len(queries), 1), np.float32)], axis=1)
+
+
 class ScannIndex:
     """ScaNN searcher plus what our interface needs (see the module docstring)."""
 
@@ -160,7 +165,7 @@ class ScannIndex:
         and ``reorder_factor`` override the built defaults."""
         q = check_queries(queries, self.dim, self.size, k)
         if self.meta["mips_trick"]:
-            q = np.concatenate([q, np.zeros((len(q), 1), np.float32)], axis=1)
+            q = _trick_queries(q)
         if len(q) == 0:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
         reorder = (reorder_factor or self.meta["reorder_factor"]) * k
