@@ -42,9 +42,10 @@ import time
 
 import numpy as np
 
-from rag_jax import loop
-from rag_jax.quickstart import LABELS, answer_recall
-from rag_jax.run_config import saved_run_config, with_changes
+from rag_jax.config import saved_run_config, with_changes
+from rag_jax.quickstart.pipeline import answer_recall
+from rag_jax.quickstart.report import LABELS
+from rag_jax.training import components, evaluate, loop
 
 ABLATIONS = ("variant", "k", "decoding", "retriever", "query_encoder")
 TEST_KS = (1, 5, 10, 20, 50)
@@ -55,8 +56,8 @@ class Runs:
 
     def __init__(self, token_run: str, sequence_run: str, split: str, max_examples: int):
         self.cfg = {"token": saved_run_config(token_run), "sequence": saved_run_config(sequence_run)}
-        self.question_tokenizer, self.generator_tokenizer = loop.tokenizers(self.cfg["token"])
-        self.examples = loop.read_split(self.cfg["token"], split)
+        self.question_tokenizer, self.generator_tokenizer = components.tokenizers(self.cfg["token"])
+        self.examples = components.read_split(self.cfg["token"], split)
         if max_examples:
             self.examples = self.examples[:max_examples]
         self._models = {}
@@ -64,7 +65,7 @@ class Runs:
 
     def model(self, variant: str):
         if variant not in self._models:
-            self._models[variant] = loop.load_trained_model(self.cfg[variant])[0]
+            self._models[variant] = evaluate.load_trained_model(self.cfg[variant])[0]
         return self._models[variant]
 
     def retriever(self, kind: str = "dense"):
@@ -72,7 +73,7 @@ class Runs:
         encoder are passed per call, so it serves every model)."""
         if kind not in self._retrievers:
             cfg = with_changes(self.cfg["token"], corpus={"retriever": kind})
-            self._retrievers[kind] = loop.build_retriever(cfg, self.model("token"), self.question_tokenizer,
+            self._retrievers[kind] = components.build_retriever(cfg, self.model("token"), self.question_tokenizer,
                                                           self.generator_tokenizer, k=cfg.rag.k)  # fmt: skip
         return self._retrievers[kind]
 
@@ -84,7 +85,7 @@ class Runs:
         model = self.model(variant) if model is None else model
 
         def run(examples):
-            return loop.evaluate(cfg, model, examples, generator_tokenizer=self.generator_tokenizer,
+            return evaluate.evaluate(cfg, model, examples, generator_tokenizer=self.generator_tokenizer,
                                  retriever=self.retriever(retriever), progress=False)[0]  # fmt: skip
 
         run(self.examples[:1])
@@ -112,7 +113,7 @@ def train_run(base_cfg, run_dir: str, **sections):
     cfg = with_changes(base_cfg, run_dir=run_dir, **sections)
     start = time.perf_counter()
     loop.train(cfg)
-    return loop.load_trained_model(cfg)[0], time.perf_counter() - start
+    return evaluate.load_trained_model(cfg)[0], time.perf_counter() - start
 
 
 # -- the ablations -------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def ablate_decoding(runs: Runs, args) -> tuple[dict, str]:
 
 
 def ablate_retriever(runs: Runs, args) -> tuple[dict, str]:
-    initial = loop.build_model(runs.cfg["token"]).question_encoder.params
+    initial = components.build_model(runs.cfg["token"]).question_encoder.params
     trained = runs.model("token").question_encoder.params
     recall = {
         "BM25": [runs.recall(k, retriever="bm25") for k in TEST_KS],

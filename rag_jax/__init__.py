@@ -12,13 +12,15 @@ Public API (everything else is internal):
 - ``rag_token_loss`` / ``rag_sequence_loss`` / ``seq2seq_nll``: the objective over logits.
 """
 
-from rag_jax.config import BartConfig, BertConfig, RagConfig
-from rag_jax.convert.common import CheckpointKeyError
-from rag_jax.hf import load_rag, save_hf
-from rag_jax.models.encoder import Encoder, load_encoder
-from rag_jax.models.generator import Generator, load_generator
-from rag_jax.objective import rag_sequence_loss, rag_token_loss, seq2seq_nll
-from rag_jax.rag import RagModel
+from rag_jax.hf.encoder import load_encoder
+from rag_jax.hf.generator import load_generator
+from rag_jax.hf.io import CheckpointKeyError
+from rag_jax.hf.rag import load_rag, save_hf
+from rag_jax.models.configs import BartConfig, BertConfig, RagConfig
+from rag_jax.models.encoder import Encoder
+from rag_jax.models.generator import Generator
+from rag_jax.rag.model import RagModel
+from rag_jax.rag.objective import rag_sequence_loss, rag_token_loss, seq2seq_nll
 
 __all__ = [
     "BartConfig",

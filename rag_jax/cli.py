@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from rag_jax import host_memory
+from rag_jax.commands import host_memory
 
 COMMAND_MODULES = ("model_io", "retrieval", "train", "quickstart")
 HUGE_PAGE_COMMANDS = ("quickstart", "train", "eval", "embed")  # subcommands whose work is jitted steps
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The ``rag-jax`` command. Run as a program (``argv`` None), the subcommands that run jitted work
     (``HUGE_PAGE_COMMANDS``) first re-execute themselves with huge pages for XLA:CPU's buffers
-    (``rag_jax.host_memory``); the others skip the second start-up (a second ~1.5 s of imports)."""
+    (``rag_jax.commands.host_memory``); the others skip the second start-up (a second ~1.5 s of imports)."""
     if argv is None and len(sys.argv) > 1 and sys.argv[1] in HUGE_PAGE_COMMANDS:
         host_memory.reexec_with_huge_pages()
     parser = build_parser()

@@ -57,8 +57,8 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import alternate, machine, wait_for_quiet_cpu
 
-from rag_jax import host_memory
-from rag_jax.hf import load_rag
+from rag_jax.commands import host_memory
+from rag_jax.hf.rag import load_rag
 
 PAD = 1
 QUESTION_ENCODER = dict(  # unused by generate, but a RAG folder holds one

@@ -26,10 +26,10 @@ import time
 
 import numpy as np
 
-from rag_jax.retrieval.exact import ExactIndex
-from rag_jax.retrieval.index import exact_search_numpy
-from rag_jax.retrieval import scann_index
-from rag_jax.retrieval.scann_index import ScannIndex
+from rag_jax.retrieval.index import scann as scann_index
+from rag_jax.retrieval.index.base import exact_search_numpy
+from rag_jax.retrieval.index.exact import ExactIndex
+from rag_jax.retrieval.index.scann import ScannIndex
 from rag_jax.retrieval.synthetic import clustered_queries, clustered_vectors
 
 TARGET_RECALL = 0.95

@@ -20,7 +20,7 @@ step's FLOPs from XLA's cost analysis and the fraction of the machine's measured
 ``--breakdown`` also times the forward pass alone and forward + backward (no optimizer) on both
 sides. Before timing, both sides' dropout-free losses on the batch are compared (same weights, same
 objective). Run as a script, the benchmark first re-executes itself with glibc's malloc using
-transparent huge pages, as the ``rag-jax`` command runs (``rag_jax.host_memory``); the reference shares
+transparent huge pages, as the ``rag-jax`` command runs (``rag_jax.commands.host_memory``); the reference shares
 the process and so the setting (``RAG_JAX_HUGE_PAGES=0`` runs both without).
 
     python experiments/bench/train_step.py --size both --out experiments/bench/results/train_step.md
@@ -46,10 +46,10 @@ import optax
 import torch
 import transformers
 
-from rag_jax import host_memory
-from rag_jax.hf import load_rag
-from rag_jax.optim import OptimizerConfig
-from rag_jax.train import TrainConfig, Trainer
+from rag_jax.commands import host_memory
+from rag_jax.hf.rag import load_rag
+from rag_jax.training.optim import OptimizerConfig
+from rag_jax.training.step import TrainConfig, Trainer
 
 # Both sides get the same threads: torch.set_num_threads(--threads); XLA:CPU uses every core (its
 # intra-op pool has no finer knob than on/off), so --threads defaults to nproc.

@@ -18,7 +18,7 @@ precision; test-time decoding: RAG-Token 15 docs, RAG-Sequence 50 docs thorough,
 for QA.
 """
 
-from rag_jax.run_config import default_config
+from rag_jax.config import default_config
 
 DATASETS = ("nq", "tqa", "wq", "ct")
 VARIANTS = ("token", "sequence", "closed_book")

@@ -11,7 +11,8 @@ task: passages, questions, embeddings, index, pretrained generator); then e.g.
 import json
 import os
 
-from rag_jax import quickstart
+from rag_jax.quickstart import pipeline as quickstart
+from rag_jax.quickstart.task import TaskPaths
 
 
 def get_config(arg: str = "token"):
@@ -21,5 +22,5 @@ def get_config(arg: str = "token"):
     if not os.path.isfile(paths_file):
         raise FileNotFoundError(f"{paths_file} is missing: run `rag-jax quickstart --small --out {out}` first")
     with open(paths_file) as f:
-        paths = quickstart.TaskPaths(**json.load(f))
+        paths = TaskPaths(**json.load(f))
     return quickstart.settings_config(paths, variant, f"runs/quickstart-{variant}", quickstart.Settings.small())

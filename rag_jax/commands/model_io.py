@@ -15,8 +15,10 @@ import numpy as np
 
 def load_any(path: str):
     """A RagModel, Generator or Encoder, by the folder's config."""
-    from rag_jax import load_encoder, load_generator, load_rag
-    from rag_jax.convert.common import read_config
+    from rag_jax.hf.encoder import load_encoder
+    from rag_jax.hf.generator import load_generator
+    from rag_jax.hf.io import read_config
+    from rag_jax.hf.rag import load_rag
 
     model_type = "bert" if _is_sentence_transformers(path) else read_config(path).get("model_type")
     if model_type == "rag":
@@ -40,7 +42,9 @@ def describe(obj) -> dict:
     """A JSON-able summary of a loaded Encoder, Generator or RagModel."""
     from flax import nnx
 
-    from rag_jax import Encoder, Generator, RagModel
+    from rag_jax.models.encoder import Encoder
+    from rag_jax.models.generator import Generator
+    from rag_jax.rag.model import RagModel
 
     if isinstance(obj, Encoder):
         return {"type": "Encoder", "kind": obj.kind, "pooling": obj.pooling, "dim": obj.dim,
@@ -61,7 +65,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from rag_jax import save_hf
+    from rag_jax.hf.rag import save_hf
 
     save_hf(load_any(args.path), args.out)
     print(f"wrote {args.out}")

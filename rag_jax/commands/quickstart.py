@@ -1,5 +1,5 @@
 """``rag-jax quickstart``: RAG end to end on the embedded synthetic knowledge base, offline, on CPU
-(``rag_jax.quickstart``): prints the results table and writes it, the training curves and an HF
+(``rag_jax.quickstart.pipeline``): prints the results table and writes it, the training curves and an HF
 export under ``--out``."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import dataclasses
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from rag_jax import quickstart
+    from rag_jax.quickstart import pipeline as quickstart
 
     settings = quickstart.Settings.small() if args.small else quickstart.Settings()
     changes = {name: getattr(args, name) for name in ("steps", "entities", "seed") if getattr(args, name) is not None}

@@ -28,7 +28,7 @@ def _mib(n_bytes: int) -> str:
 def _embed(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from rag_jax.models.encoder import load_encoder
+    from rag_jax.hf.encoder import load_encoder
     from rag_jax.retrieval import PassageStore, embed_passages, hf_tokenize_fn
 
     encoder = load_encoder(args.encoder, pooling=args.pooling)

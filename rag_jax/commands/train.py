@@ -5,7 +5,7 @@
     rag-jax export --run runs/tiny --out exported/ [--format hf] [--link-corpus]
 
 Any ``--config.<field>=<value>`` overrides a field of the config file (see
-``rag_jax.run_config.default_config`` for every field). A run directory holds ``config.json`` (the
+``rag_jax.config.default_config`` for every field). A run directory holds ``config.json`` (the
 resolved config), ``checkpoints/``, ``metrics.jsonl`` and TensorBoard events under ``tb/``.
 """
 
@@ -17,8 +17,8 @@ import os
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rag_jax import loop
-    from rag_jax.run_config import load_config
+    from rag_jax.config import load_config
+    from rag_jax.training import loop
 
     cfg = load_config(args.config, args.overrides)
     metrics = loop.train(cfg, progress=not args.no_progress)
@@ -27,17 +27,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rag_jax import loop
-    from rag_jax.run_config import saved_run_config
+    from rag_jax.config import saved_run_config
+    from rag_jax.training import components, evaluate
 
     cfg = saved_run_config(args.run, args.overrides)
-    model, step = loop.load_trained_model(cfg, args.step)
-    question_tokenizer, generator_tokenizer = loop.tokenizers(cfg)
+    model, step = evaluate.load_trained_model(cfg, args.step)
+    question_tokenizer, generator_tokenizer = components.tokenizers(cfg)
     retriever = None
     if cfg.rag.variant != "closed_book":
-        retriever = loop.build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=cfg.eval.k)
-    examples = loop.read_split(cfg, args.split)
-    result, records = loop.evaluate(cfg, model, examples, generator_tokenizer=generator_tokenizer, retriever=retriever)
+        retriever = components.build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=cfg.eval.k)
+    examples = components.read_split(cfg, args.split)
+    result, records = evaluate.evaluate(cfg, model, examples, generator_tokenizer=generator_tokenizer, retriever=retriever)
     out = args.predictions or os.path.join(cfg.run_dir, f"predictions_{args.split}_step{step}.jsonl")
     with open(out, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -46,8 +46,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from rag_jax.export import export_run
-    from rag_jax.run_config import saved_run_config
+    from rag_jax.config import saved_run_config
+    from rag_jax.training.export import export_run
 
     if args.format != "hf":
         raise ValueError(f"--format {args.format!r}: only 'hf' is supported")
@@ -78,4 +78,3 @@ def register(sub) -> None:
     export.add_argument("--step", type=int, default=None)
     export.add_argument("--link-corpus", action="store_true", help="symlink passages/embeddings/index instead of copying")
     export.set_defaults(handler=_export)
-

@@ -1,7 +1,7 @@
 """BART for conditional generation in flax.nnx, equal to transformers' ``BartForConditionalGeneration``.
 
 The module tree mirrors the transformers one (``shared``, ``encoder.layers[i].self_attn.q_proj``, ...)
-so that the checkpoint conversion in ``rag_jax.convert.bart`` is a renaming rule. ``cfg.normalize_before``
+so that the checkpoint conversion in ``rag_jax.hf.bart`` is a renaming rule. ``cfg.normalize_before``
 selects the mBART layout: pre-LN layers and a final ``layer_norm`` after each stack.
 
 Mixed precision: parameters are kept in ``param_dtype``; with ``dtype=jnp.bfloat16`` the matmuls run in
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rag_jax.config import BartConfig
 from rag_jax.models.activations import ACTIVATIONS
+from rag_jax.models.configs import BartConfig
 from rag_jax.models.dropout import dropout
 
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding: position p is row p + 2

@@ -25,8 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rag_jax.config import BertConfig
 from rag_jax.models.activations import activation
+from rag_jax.models.configs import BertConfig
 from rag_jax.models.dropout import dropout
 
 Params = dict[str, Any]

@@ -16,11 +16,17 @@ from rag_jax.retrieval.corpus import (
     write_passages_tsv,
 )
 from rag_jax.retrieval.embed import EmbeddingShards, embed_passages, hf_tokenize_fn, load_embeddings, passage_inputs
-from rag_jax.retrieval.exact import ExactIndex
-from rag_jax.retrieval.index import Index, exact_search_numpy, load_index, merge_topk
-from rag_jax.retrieval.retriever import Prefetcher, RetrievedBatch, Retriever, prefetch, train_batch
-from rag_jax.retrieval.scann_index import ScannIndex
-from rag_jax.retrieval.sharded import ShardedIndex, build_sharded
+from rag_jax.retrieval.index import (
+    ExactIndex,
+    Index,
+    ScannIndex,
+    ShardedIndex,
+    build_sharded,
+    exact_search_numpy,
+    load_index,
+    merge_topk,
+)
+from rag_jax.retrieval.retriever import RetrievedBatch, Retriever, train_batch
 
 __all__ = [
     "BM25Index",
@@ -31,7 +37,6 @@ __all__ = [
     "MalformedLineError",
     "Passage",
     "PassageStore",
-    "Prefetcher",
     "RetrievedBatch",
     "Retriever",
     "ScannIndex",
@@ -46,7 +51,6 @@ __all__ = [
     "load_index",
     "merge_topk",
     "passage_inputs",
-    "prefetch",
     "read_passages",
     "split_into_passages",
     "tokenize_contexts",

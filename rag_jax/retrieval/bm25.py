@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from rag_jax.retrieval.corpus import Passage
-from rag_jax.retrieval.index import check_k
+from rag_jax.retrieval.index.base import check_k
 
 
 def _bm25s():

@@ -20,7 +20,6 @@ from typing import Sequence
 
 import numpy as np
 
-from rag_jax.config import RagConfig
 from rag_jax.retrieval.corpus import Passage
 
 
@@ -38,11 +37,6 @@ class ContextFormat:
     def __post_init__(self):
         if self.max_length < 1:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
-
-    @classmethod
-    def from_rag_config(cls, config: RagConfig, prefix: str | None = None) -> "ContextFormat":
-        """The separators and ``max_combined_length`` of a RAG config, with the given ``prefix``."""
-        return cls(prefix, config.title_sep, config.doc_sep, config.max_combined_length)
 
 
 def context_string(passage: Passage, question: str, fmt: ContextFormat = ContextFormat()) -> str:

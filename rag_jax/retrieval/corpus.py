@@ -38,14 +38,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from rag_jax.data.lines import BadLine, LineReporter, MalformedLineError, decode_line, tsv_fields
+
 logger = logging.getLogger(__name__)
 
 SIDECAR_VERSION = 1
-MAX_REPORTED = 100  # malformed lines logged at WARNING; the rest at DEBUG
-
-
-class MalformedLineError(ValueError):
-    """A corpus line that cannot be read as a passage (raised in strict mode)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +85,6 @@ def write_passages_tsv(passages: Iterable[Passage], path: str, first_id: int = 1
 # Parsing
 
 
-class _Malformed(Exception):
-    """Internal: the reason a line is rejected."""
-
-
 def _detect_format(path: str, fmt: str | None) -> str:
     if fmt is not None:
         if fmt not in ("tsv", "jsonl"):
@@ -106,15 +99,6 @@ def _detect_format(path: str, fmt: str | None) -> str:
     raise ValueError(f"{path}: cannot tell the format from the name; pass format='tsv' or 'jsonl'")
 
 
-def _tsv_fields(line: str) -> list[str]:
-    if '"' not in line:
-        return line.split("\t")
-    try:
-        return next(csv.reader([line], delimiter="\t", strict=True))
-    except csv.Error as e:
-        raise _Malformed(f"bad quoting ({e})") from None
-
-
 class _TsvParser:
     """Parses TSV lines; the header (if any) fixes which column is which."""
 
@@ -124,7 +108,7 @@ class _TsvParser:
 
     def header(self, line: str) -> bool:
         """True (and columns set) when ``line`` is a header."""
-        fields = _tsv_fields(line)
+        fields = tsv_fields(line)
         missing = [c for c in ("id", "text", "title") if c not in fields]
         if missing:
             if fields[0] == "id":
@@ -135,9 +119,9 @@ class _TsvParser:
         return True
 
     def __call__(self, line: str) -> Passage:
-        fields = _tsv_fields(line)
+        fields = tsv_fields(line)
         if len(fields) != self.num_fields:
-            raise _Malformed(f"expected {self.num_fields} tab-separated columns, found {len(fields)}")
+            raise BadLine(f"expected {self.num_fields} tab-separated columns, found {len(fields)}")
         i, x, t = self.columns
         return Passage(fields[i], fields[t], fields[x])
 
@@ -146,42 +130,16 @@ def _parse_jsonl(line: str) -> Passage:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise _Malformed(f"bad JSON ({e})") from None
+        raise BadLine(f"bad JSON ({e})") from None
     if not isinstance(obj, dict) or "id" not in obj or "text" not in obj:
-        raise _Malformed('expected a JSON object with "id" and "text"')
+        raise BadLine('expected a JSON object with "id" and "text"')
     title = obj.get("title") or ""
     if not isinstance(obj["text"], str) or not isinstance(title, str):
-        raise _Malformed('"text" and "title" must be strings')
+        raise BadLine('"text" and "title" must be strings')
     return Passage(str(obj["id"]), title, obj["text"])
 
 
-def _decode(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError as e:
-        raise _Malformed(f"not UTF-8 ({e})") from None
-
-
-class _Reporter:
-    """Counts malformed lines and reports them with their location (see the module docstring)."""
-
-    def __init__(self, path: str, strict: bool):
-        self.path, self.strict, self.count, self.first = path, strict, 0, None
-
-    def __call__(self, lineno: int, reason: str) -> None:
-        where = f"{self.path}:{lineno}: {reason}"
-        if self.strict:
-            raise MalformedLineError(where)
-        self.count += 1
-        self.first = self.first or where
-        logger.log(logging.WARNING if self.count <= MAX_REPORTED else logging.DEBUG, "skipped malformed line %s", where)
-
-    def summary(self) -> None:
-        if self.count:
-            logger.warning("%s: skipped %d malformed line(s); the first: %s", self.path, self.count, self.first)
-
-
-def _scan(path: str, tsv: _TsvParser | None, report: _Reporter) -> Iterator[tuple[int, int, Passage]]:
+def _scan(path: str, tsv: _TsvParser | None, report: LineReporter) -> Iterator[tuple[int, int, Passage]]:
     """Yield ``(byte offset, byte length, passage)`` for every kept record, in file order. ``tsv``
     is a fresh TSV parser (it learns the header), None for JSONL."""
     header_checked = tsv is None
@@ -192,15 +150,15 @@ def _scan(path: str, tsv: _TsvParser | None, report: _Reporter) -> Iterator[tupl
             if not raw.strip():
                 continue
             try:
-                line = _decode(raw)
+                line = decode_line(raw)
                 if not header_checked:
                     header_checked = True
                     if tsv.header(line):
                         continue
                 passage = tsv(line) if tsv is not None else _parse_jsonl(line)
                 if not passage.text.strip():
-                    raise _Malformed("empty text")
-            except _Malformed as e:
+                    raise BadLine("empty text")
+            except BadLine as e:
                 report(lineno, str(e))
                 continue
             yield start, len(raw), passage
@@ -211,7 +169,7 @@ def read_passages(path: str, *, format: str | None = None, strict: bool = False)
     """Stream the passages of a TSV or JSONL file in order (malformed lines handled as the module
     docstring says)."""
     tsv = _TsvParser() if _detect_format(path, format) == "tsv" else None
-    for _, _, passage in _scan(path, tsv, _Reporter(path, strict)):
+    for _, _, passage in _scan(path, tsv, LineReporter(path, strict, logger)):
         yield passage
 
 
@@ -257,7 +215,7 @@ def build_sidecar(path: str, sidecar: str, *, format: str | None = None, strict:
     """Scan ``path`` once and write the offsets, lengths and ids of its records into ``sidecar``."""
     fmt = _detect_format(path, format)
     fingerprint = file_fingerprint(path)
-    report = _Reporter(path, strict)
+    report = LineReporter(path, strict, logger)
     offsets, lengths, ids = array.array("q"), array.array("i"), _IdCollector()
     tsv = _TsvParser() if fmt == "tsv" else None
     records = _scan(path, tsv, report)

@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 import jax
 import ml_dtypes
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from rag_jax.retrieval.corpus import Passage, PassageStore

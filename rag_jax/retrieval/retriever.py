@@ -5,7 +5,7 @@
 training loop passes its current ones without recompiling), the index search, the retrieved rows'
 stored embeddings and passages, and the generator's context strings and tokens
 (``rag_jax.retrieval.context``, transformers' ``RagRetriever`` format). Everything comes back as
-NumPy arrays in a ``RetrievedBatch``; ``train_batch`` turns one into the dict ``rag_jax.train``'s
+NumPy arrays in a ``RetrievedBatch``; ``train_batch`` turns one into the dict ``rag_jax.training.step``'s
 step takes.
 
 As in transformers, the question text joined to each passage is the question tokenizer's decoding
@@ -16,26 +16,21 @@ The passage store, the index and the embeddings are one corpus (rows shared); ``
 swaps them for another (an edited or newer corpus) without touching the models: RAG's hot-swap
 of its non-parametric memory. Over a lexical index (``BM25Index``: no question vectors, no
 embeddings) the retriever searches by the question strings and the doc scores are the index's
-(BM25) scores. ``prefetch`` runs retrieval for the next batches in a background
-thread while the device runs the current step.
+(BM25) scores. The training loop (``rag_jax.training.loop``) runs retrieval for the next steps in a
+background thread while the device runs the current one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import queue
-import threading
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Sequence
 
 import numpy as np
 
 from rag_jax.models.encoder import Encoder
 from rag_jax.retrieval.context import ContextFormat, context_strings, tokenize_contexts
 from rag_jax.retrieval.corpus import Passage
-
-X = TypeVar("X")
-Y = TypeVar("Y")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +57,7 @@ class RetrievedBatch:
 
 
 def train_batch(retrieved: RetrievedBatch, labels_BxT) -> dict[str, np.ndarray]:
-    """The batch dict ``rag_jax.train.Trainer.train_step`` takes: question ids/mask ``[B, Sq]`` and
+    """The batch dict ``rag_jax.training.step.Trainer.train_step`` takes: question ids/mask ``[B, Sq]`` and
     ``doc_embeddings [B, K, D]`` (float32) for the step to score, or, from a lexical index, the
     fixed ``doc_scores [B, K]``; context ids/mask ``[B, K, S]`` and ``labels [B, T]``."""
     labels_BxT = np.asarray(labels_BxT)
@@ -236,83 +231,3 @@ class Retriever:
             context_attention_mask_BxKxS=ctx_mask_BxKxS,
             passages=passages,
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Prefetch
-
-_VALUE, _ERROR, _END = "value", "error", "end"
-_POLL_S = 0.05  # how often a blocked worker checks whether it should stop
-
-
-def _work(inputs: Iterable, fn: Callable, out: queue.Queue, stop: threading.Event) -> None:
-    """The worker: ``fn`` over ``inputs`` in order into ``out``; any exception (from ``fn`` or the
-    iterator) is handed over and ends the stream. Holds no reference to the ``Prefetcher``."""
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    try:
-        for x in inputs:
-            if stop.is_set() or not put((_VALUE, fn(x))):
-                return
-    except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer
-        put((_ERROR, e))
-        return
-    put((_END, None))
-
-
-class Prefetcher(Iterator[Y]):
-    """``fn(x)`` for each ``x`` of an iterable, computed by one background thread up to ``depth``
-    results ahead, returned in order. An exception raised by ``fn`` or by the iterable is raised by
-    ``next`` at its place in the stream, after which the stream ends. ``close()`` (also on
-    exhaustion, on an exception, on ``with`` exit and on garbage collection) stops the worker after
-    the call of ``fn`` in progress."""
-
-    def __init__(self, inputs: Iterable[X], fn: Callable[[X], Y], depth: int = 2):
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=_work, args=(inputs, fn, self._queue, self._stop), daemon=True, name="rag_jax-prefetch"
-        )
-        self._thread.start()
-
-    def __next__(self) -> Y:
-        if self._stop.is_set():
-            raise StopIteration
-        kind, value = self._queue.get()
-        if kind == _VALUE:
-            return value
-        self.close()
-        if kind == _ERROR:
-            raise value
-        raise StopIteration
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def __enter__(self) -> "Prefetcher[Y]":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        if hasattr(self, "_stop"):  # not when __init__ refused its arguments
-            self._stop.set()
-
-
-def prefetch(inputs: Iterable[X], fn: Callable[[X], Y], depth: int = 2) -> Prefetcher[Y]:
-    """Run ``fn`` over ``inputs`` in a background thread, ``depth`` results ahead, in order (e.g.
-    retrieval for step n + 1 while the device runs step n); see ``Prefetcher``."""
-    return Prefetcher(inputs, fn, depth)

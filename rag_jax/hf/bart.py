@@ -1,0 +1,131 @@
+"""transformers ``BartForConditionalGeneration`` weights <-> ``rag_jax.models.bart.Bart``, both directions.
+
+One key table, built from the model's own variable paths, serves both directions, so they cannot
+drift apart: the module path ``encoder/layers/0/self_attn/q_proj/kernel`` is the transformers key
+``model.encoder.layers.0.self_attn.q_proj.weight`` (transposed: torch stores Linear weights as
+``[out, in]``). ``final_logits_bias`` is ``[1, V]`` in transformers and ``[V]`` here.
+
+transformers writes the tied token embedding once, as ``model.shared.weight``; other checkpoints may
+carry it (also) as ``model.encoder.embed_tokens.weight``, ``model.decoder.embed_tokens.weight`` or
+``lm_head.weight``. Those aliases are folded into ``model.shared.weight`` (equal duplicates accepted,
+differing ones refused). As in transformers (``_keys_to_ignore_on_load_missing``), a checkpoint
+without ``final_logits_bias`` gets zeros. Anything else missing or unexpected raises
+``CheckpointKeyError`` naming the keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rag_jax.hf.io import CheckpointKeyError, check_keys, resolve_aliases
+from rag_jax.models.bart import Bart
+from rag_jax.models.configs import BartConfig
+
+SHARED = "model.shared.weight"
+FINAL_LOGITS_BIAS = "final_logits_bias"
+TIED_ALIASES = {
+    "model.encoder.embed_tokens.weight": SHARED,
+    "model.decoder.embed_tokens.weight": SHARED,
+    "lm_head.weight": SHARED,
+}
+"""Other names under which checkpoints store the tied token embedding -> the name we read and write."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+    """How an array changes between the transformers layout and ours."""
+
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+_IDENTITY = _Transform(lambda a: a, lambda a: a)
+_TRANSPOSE = _Transform(lambda a: a.T, lambda a: a.T)
+_ROW = _Transform(lambda a: a.reshape(a.shape[-1]), lambda a: a[None, :])
+
+# our leaf name -> (transformers leaf name, transform)
+_LEAVES = {
+    "kernel": ("weight", _TRANSPOSE),
+    "bias": ("bias", _IDENTITY),
+    "scale": ("weight", _IDENTITY),
+    "embedding": ("weight", _IDENTITY),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    path: tuple
+    transform: _Transform
+
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The transformers shape of a variable of ours with ``shape`` (computed without data)."""
+        return jax.eval_shape(self.transform.to_hf, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+
+
+def _hf_key(path: tuple) -> tuple[str, _Transform]:
+    if path == (FINAL_LOGITS_BIAS,):
+        return FINAL_LOGITS_BIAS, _ROW
+    leaf, transform = _LEAVES[path[-1]]
+    return ".".join(["model", *map(str, path[:-1]), leaf]), transform
+
+
+def key_table(state: nnx.State) -> dict[str, _Entry]:
+    """transformers key (without prefix) -> our variable path and layout transform, for every variable."""
+    table = {}
+    for path, _ in nnx.to_flat_state(state):
+        key, transform = _hf_key(path)
+        table[key] = _Entry(path, transform)
+    return table
+
+
+def bart_from_hf(
+    state: Mapping[str, np.ndarray],
+    cfg: BartConfig,
+    prefix: str = "",
+    *,
+    dtype=None,
+    param_dtype=jnp.float32,
+    remat: bool = False,
+) -> Bart:
+    """A ``Bart`` holding the weights of a transformers state dict.
+
+    Only keys starting with ``prefix`` are read (e.g. ``"rag.generator."`` in a RAG checkpoint; keys
+    outside it are the caller's business); every key under it must be one the model expects. The model
+    is created abstractly (``nnx.eval_shape``) and filled, so no random weights are initialised.
+    """
+    where = f"BART checkpoint (prefix {prefix!r})"
+    abstract = nnx.eval_shape(lambda: Bart(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, remat=remat))
+    graphdef, abstract_state = nnx.split(abstract)
+    table = {prefix + key: entry for key, entry in key_table(abstract_state).items()}
+    aliases = {prefix + alias: prefix + canonical for alias, canonical in TIED_ALIASES.items()}
+    weights = resolve_aliases({k: v for k, v in state.items() if k.startswith(prefix)}, aliases, where)
+    weights.setdefault(prefix + FINAL_LOGITS_BIAS, np.zeros((1, cfg.vocab_size), np.float32))
+    check_keys(table, weights, where)
+
+    flat = dict(nnx.to_flat_state(abstract_state))
+    filled = []
+    for key, entry in table.items():
+        variable = flat[entry.path]
+        value = entry.transform.to_ours(np.asarray(weights[key]))
+        if value.shape != variable.shape:
+            raise CheckpointKeyError(
+                f"{where}: {key!r} has shape {weights[key].shape}, expected {entry.hf_shape(variable.shape)}"
+            )
+        filled.append((entry.path, variable.replace(jnp.asarray(value, variable.dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def bart_state_to_hf(model: Bart, prefix: str = "") -> dict[str, np.ndarray]:
+    """The transformers state dict of ``model``: exactly the keys ``save_pretrained`` writes."""
+    state = nnx.state(model)
+    flat = dict(nnx.to_flat_state(state))
+    return {
+        prefix + key: np.ascontiguousarray(entry.transform.to_hf(np.asarray(flat[entry.path].get_value())))
+        for key, entry in key_table(state).items()
+    }

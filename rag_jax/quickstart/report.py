@@ -1,0 +1,70 @@
+"""The quickstart's report: the results table as markdown and the training curves."""
+
+from __future__ import annotations
+
+from rag_jax.training.metric_writer import read_metrics
+
+VARIANTS = ("closed_book", "sequence", "token")
+LABELS = {"closed_book": "BART closed-book", "sequence": "RAG-Sequence", "token": "RAG-Token"}
+
+
+def plot_training_curves(out_png: str, runs: dict[str, str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, em_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, run_dir in runs.items():
+        records = read_metrics(run_dir)
+        train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+        dev = [(r["step"], r["dev/em"]) for r in records if "dev/em" in r]
+        loss_ax.plot(*zip(*train), label=LABELS[variant])
+        if dev:
+            em_ax.plot(*zip(*dev), marker="o", label=LABELS[variant])
+    loss_ax.set(xlabel="step", ylabel="training loss (NLL per answer)", title="training", yscale="log")
+    em_ax.set(xlabel="step", ylabel="dev exact match", title="dev EM (held-out people)", ylim=(-0.02, 1.02))
+    for ax in (loss_ax, em_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+def results_markdown(result: dict) -> str:
+    lines = [
+        f"Synthetic knowledge base: {result['entities']} people, {result['passages']} passages; test questions ask "
+        f"about {result['test_people']} held-out people ({result['test_questions']} questions) whose facts are only "
+        f"in the corpus. Encoder: {result['encoder']}.",
+        "",
+        "| model | test EM | test F1 | answer recall@{k} | train time (s) |".format(k=result["k"]),
+        "|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        row = result["models"][variant]
+        recall = f"{row['recall_at_k']:.3f}" if "recall_at_k" in row else "-"
+        lines.append(f"| {LABELS[variant]} | {row['em']:.3f} | {row['f1']:.3f} | {recall} | {row['train_s']:.0f} |")
+    lines += [
+        "",
+        f"Retrieval answer recall@{result['k']} on test with the initial question encoder: "
+        f"{result['recall_before']:.3f}; after RAG-Token training: {result['models']['token']['recall_at_k']:.3f}; "
+        f"after RAG-Sequence training: {result['models']['sequence']['recall_at_k']:.3f}.",
+    ]
+    swap = result["hot_swap"]
+    lines += [
+        "",
+        f"Index hot-swap (RAG-Token, no retraining): {swap['questions']} test questions whose facts were edited in "
+        "the corpus.",
+        "",
+        "| index | EM vs old facts | EM vs new facts |",
+        "|---|---|---|",
+        f"| original | {swap['before_em_old_facts']:.3f} | {swap['before_em_new_facts']:.3f} |",
+        f"| edited, re-embedded, swapped in | {swap['after_em_old_facts']:.3f} | {swap['after_em_new_facts']:.3f} |",
+        "",
+    ]
+    for ex in swap["examples"]:
+        lines.append(f"- {ex['question']} old fact: {ex['old']}, new fact: {ex['new']}; answer before the swap: "
+                     f"{ex['before']!r}, after: {ex['after']!r}")  # fmt: skip
+    lines += ["", f"Total wall time: {result['total_s']:.0f} s."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,292 @@
+"""The RAG model: a question encoder and a generator, the per-document generator pass, the loss.
+
+Generator inputs arrive as transformers lays them out, ``B * K`` rows with the document index
+fastest (b0d0, b0d1, ...); inside rag_jax they are ``[B, K, S]`` and the generator runs over the
+document axis with ``jax.vmap`` (one batched program, same weights for every document). The
+decoder input is shared by the K documents of an example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rag_jax.models import bert
+from rag_jax.models.bart import Bart
+from rag_jax.models.configs import BartConfig, BertConfig, RagConfig
+from rag_jax.models.encoder import Encoder, pooled_encode
+from rag_jax.models.generator import Generator
+from rag_jax.rag import objective
+from rag_jax.rag.decoding import (
+    Decoding,
+    SearchOptions,
+    as_dtype,
+    default_options,
+    hf_layout,
+    rag_sequence_search,
+    rag_token_search,
+)
+
+Variant = Literal["token", "sequence"]
+ARCHITECTURES = {"token": "RagTokenForGeneration", "sequence": "RagSequenceForGeneration"}
+
+
+def per_doc_logits(
+    graphdef: nnx.GraphDef,
+    generator_state: nnx.State,
+    context_input_ids_BxKxS: jax.Array,
+    context_attention_mask_BxKxS: jax.Array,
+    decoder_input_ids_BxT: jax.Array,
+    decoder_attention_mask_BxT: jax.Array | None = None,
+    *,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """Generator logits ``[B, K, T, V]`` (float32) for every (example, document) pair.
+
+    ``jax.vmap`` over the document axis; with ``dropout_key`` each document gets its own dropout
+    mask (training), without it the pass is deterministic.
+    """
+    k = context_input_ids_BxKxS.shape[1]
+    keys_K = None if dropout_key is None else jax.random.split(dropout_key, k)
+
+    def one_doc(ids_BxS, mask_BxS, key):
+        model = nnx.merge(graphdef, generator_state)
+        rngs = None if key is None else nnx.Rngs(dropout=key)
+        return model(
+            ids_BxS, mask_BxS, decoder_input_ids_BxT, decoder_attention_mask_BxT, deterministic=key is None, rngs=rngs
+        )
+
+    return jax.vmap(one_doc, in_axes=(1, 1, None if keys_K is None else 0), out_axes=1)(
+        context_input_ids_BxKxS, context_attention_mask_BxKxS, keys_K
+    )
+
+
+def doc_scores_from_embeddings(question_vectors_BxD: jax.Array, doc_embeddings_BxKxD: jax.Array) -> jax.Array:
+    """``doc_scores[b, k] = q_b . e_{b,k}`` in float32 (differentiable in the question vectors)."""
+    return jnp.einsum(
+        "bd,bkd->bk", question_vectors_BxD, doc_embeddings_BxKxD.astype(question_vectors_BxD.dtype),
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
+
+
+def marginal_nll(
+    logits_BxKxTxV: jax.Array,
+    doc_scores_BxK: jax.Array,
+    labels_BxT: jax.Array,
+    *,
+    variant: Variant,
+    pad_token_id: int,
+    bos_token_id: int | None,
+    epsilon: float = 0.0,
+    exclude_bos_score: bool = False,
+    reduce: bool = False,
+    form: objective.Form = objective.PARITY_FORM,
+) -> jax.Array:
+    """RAG-Token or RAG-Sequence loss (see ``rag_jax.rag.objective``)."""
+    if variant == "token":
+        if exclude_bos_score:
+            raise ValueError("exclude_bos_score applies to RAG-Sequence only (as in transformers)")
+        return objective.rag_token_loss(
+            logits_BxKxTxV, doc_scores_BxK, labels_BxT,
+            pad_token_id=pad_token_id, epsilon=epsilon, reduce=reduce, form=form,
+        )  # fmt: skip
+    if variant == "sequence":
+        return objective.rag_sequence_loss(
+            logits_BxKxTxV, doc_scores_BxK, labels_BxT,
+            pad_token_id=pad_token_id, bos_token_id=bos_token_id, epsilon=epsilon,
+            exclude_bos_score=exclude_bos_score, reduce=reduce, form=form,
+        )  # fmt: skip
+    raise ValueError(f"variant={variant!r}: expected 'token' or 'sequence'")
+
+
+def unflatten_docs(x_NxS: jax.Array, n_docs: int) -> jax.Array:
+    """transformers' ``[B * K, S]`` (document fastest) -> ``[B, K, S]``, with a clear error."""
+    n = x_NxS.shape[0]
+    if n % n_docs:
+        raise ValueError(f"context rows ({n}) are not a multiple of n_docs ({n_docs})")
+    return x_NxS.reshape(n // n_docs, n_docs, *x_NxS.shape[1:])
+
+
+@dataclasses.dataclass
+class RagModel:
+    """A question encoder (``Encoder``) and a generator (``Generator``) with the RAG settings.
+
+    ``hf_config`` is the source RAG ``config.json`` (kept so an export preserves its other fields);
+    ``variant`` is the default marginalisation, from the source architecture.
+    """
+
+    question_encoder: Encoder
+    generator: Generator
+    config: RagConfig = RagConfig()
+    variant: Variant = "token"
+    hf_config: dict | None = None
+    # jitted loss functions by (variant, n_docs, epsilon, exclude_bos_score, reduce, form), built once each
+    _loss_jits: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        rag_bos = (self.hf_config or {}).get("bos_token_id")
+        return rag_bos if rag_bos is not None else self.generator.config.bos_token_id
+
+    def _loss_fn(self, variant, n_docs, epsilon, exclude_bos_score, reduce, form):
+        """``(jitted loss(state, context ids, context mask, doc_scores, labels), current generator state)``;
+        the jitted function is built once per setting and kept (one compilation per shape)."""
+        graphdef, state = self.generator.split()
+        key = (variant, n_docs, epsilon, exclude_bos_score, reduce, form)
+        if key not in self._loss_jits:
+            self._loss_jits[key] = self._build_loss_fn(graphdef, *key)
+        return self._loss_jits[key], state
+
+    def _build_loss_fn(self, graphdef, variant, n_docs, epsilon, exclude_bos_score, reduce, form):
+        gen_cfg = self.generator.config
+
+        def loss(state, context_input_ids, context_attention_mask, doc_scores_BxK, labels_BxT):
+            decoder_input_ids_BxT, _, _ = objective.decoder_inputs_and_targets(
+                labels_BxT, form=form, pad_token_id=gen_cfg.pad_token_id,
+                decoder_start_token_id=gen_cfg.decoder_start_token_id,
+            )  # fmt: skip
+            logits_BxKxTxV = per_doc_logits(
+                graphdef, state, unflatten_docs(context_input_ids, n_docs),
+                unflatten_docs(context_attention_mask, n_docs), decoder_input_ids_BxT,
+            )  # fmt: skip
+            return marginal_nll(
+                logits_BxKxTxV, doc_scores_BxK, labels_BxT, variant=variant, pad_token_id=gen_cfg.pad_token_id,
+                bos_token_id=self.bos_token_id, epsilon=epsilon, exclude_bos_score=exclude_bos_score,
+                reduce=reduce, form=form,
+            )  # fmt: skip
+
+        return jax.jit(loss)
+
+    def loss(
+        self,
+        context_input_ids,
+        context_attention_mask,
+        doc_scores,
+        labels,
+        variant: Variant | None = None,
+        n_docs: int | None = None,
+        epsilon: float = 0.0,
+        exclude_bos_score: bool = False,
+        reduce: bool = False,
+        form: objective.Form = objective.PARITY_FORM,
+    ) -> jax.Array:
+        """The RAG loss, as ``Rag{Token,Sequence}ForGeneration(...).loss`` computes it with the same
+        arguments (``form="hf"``): context ids/mask ``[B * K, S]`` (document fastest), doc_scores
+        ``[B, K]``, labels ``[B, T]``. Returns ``[B]``, or the batch sum when ``reduce``."""
+        fn, state = self._loss_fn(
+            variant or self.variant, n_docs or self.config.n_docs, epsilon, exclude_bos_score, reduce, form
+        )
+        return fn(state, *map(jnp.asarray, (context_input_ids, context_attention_mask, doc_scores, labels)))
+
+    def generation_options(
+        self, variant: Variant | None = None, options: SearchOptions | None = None, **overrides
+    ) -> SearchOptions:
+        """The ``SearchOptions`` ``generate`` uses for ``variant``: ``options``, or transformers' defaults
+        from the configs (see ``rag_jax.rag.decoding.default_options``), with ``overrides`` (None values
+        ignored) on top."""
+        variant = variant or self.variant
+        if variant not in ARCHITECTURES:
+            raise ValueError(f"variant={variant!r}: expected 'token' or 'sequence'")
+        return default_options(
+            self.generator.config, self.hf_config, seq2seq_generate=variant == "sequence", base=options, **overrides
+        )
+
+    def generate(
+        self,
+        context_input_ids,
+        context_attention_mask,
+        doc_scores,
+        variant: Variant | None = None,
+        decoding: Decoding = "thorough",
+        num_beams: int = 1,
+        max_length: int | None = None,
+        min_length: int | None = None,
+        num_return_sequences: int = 1,
+        n_docs: int | None = None,
+        do_deduplication: bool | None = None,
+        mask_candidate_search: bool = True,
+        options: SearchOptions | None = None,
+        **overrides,
+    ) -> np.ndarray:
+        """Generated ids ``[B * num_return_sequences, W]`` (int32, padded with the pad token), as
+        ``Rag{Token,Sequence}ForGeneration.generate`` returns them for the same arguments.
+
+        Inputs are transformers' layout: context ids/mask ``[B * K, S]`` (document fastest) and
+        ``doc_scores [B, K]``. ``variant`` ("token" | "sequence", default the model's); ``decoding``
+        applies to RAG-Sequence: "thorough" (rescoring, transformers' algorithm) or "fast" (the paper's,
+        no extra forward pass). ``num_beams=1`` is greedy. Unset lengths and special tokens come from the
+        configs as in transformers; other ``SearchOptions`` fields (``length_penalty``,
+        ``early_stopping``, ``bad_words_ids``, ``forced_eos_token_id``, ...) go in ``overrides``, or pass a
+        full ``options`` (e.g. ``dataclasses.replace(model.generation_options(), forced_eos_token_id=None)``).
+        ``do_deduplication`` defaults to the RAG config's. ``mask_candidate_search=False`` reproduces a
+        transformers quirk (RAG-Sequence's per-document searches attend to context padding). Every call
+        with the same shapes and options runs one compiled program (``rag_jax.rag.decoding.rag_token_search``
+        / ``rag_sequence_search``). See ``rag_jax.rag.decoding`` for the algorithms and the exact scores.
+        """
+        variant = variant or self.variant
+        n_docs = n_docs or self.config.n_docs
+        opts = self.generation_options(
+            variant, options, num_beams=num_beams, max_length=max_length, min_length=min_length,
+            num_return_sequences=num_return_sequences, **overrides,
+        )  # fmt: skip
+        gen_cfg = self.generator.config
+        opts.check(
+            gen_cfg.vocab_size,
+            gen_cfg.max_position_embeddings,
+            n_docs * opts.num_beams if variant == "sequence" else None,
+        )
+        ids_BxKxS = unflatten_docs(as_dtype(context_input_ids, np.int32), n_docs)
+        mask_BxKxS = unflatten_docs(as_dtype(context_attention_mask, np.int32), n_docs)
+        doc_scores_BxK = as_dtype(doc_scores, np.float32)
+        if doc_scores_BxK.shape != ids_BxKxS.shape[:2]:
+            raise ValueError(f"doc_scores has shape {doc_scores_BxK.shape}, expected {ids_BxKxS.shape[:2]} (B, n_docs)")
+        graphdef, state = self.generator.split()
+        if variant == "token":
+            result = rag_token_search(graphdef, state, ids_BxKxS, mask_BxKxS, doc_scores_BxK, opts)
+            return hf_layout(result.sequences_BxNxL, result.lengths_BxN, opts.num_return_sequences)
+        result = rag_sequence_search(
+            graphdef, state, ids_BxKxS, mask_BxKxS, doc_scores_BxK, opts, decoding,
+            pad_token_id=gen_cfg.pad_token_id, bos_token_id=self.bos_token_id, epsilon=self.config.label_smoothing,
+            do_deduplication=self.config.do_deduplication if do_deduplication is None else do_deduplication,
+            mask_candidate_search=mask_candidate_search,
+        )  # fmt: skip
+        return hf_layout(result.sequences_BxRxL, result.candidate_lengths_BxC)
+
+    def doc_scores(self, question_input_ids, question_attention_mask, retrieved_doc_embeds) -> jax.Array:
+        """``[B, K]`` scores of retrieved documents for the questions (the question encoder's vectors
+        dotted with the documents' embeddings)."""
+        q_BxD = self.question_encoder.encode(question_input_ids, question_attention_mask)
+        return doc_scores_from_embeddings(q_BxD, jnp.asarray(retrieved_doc_embeds))
+
+
+def question_vectors(encoder_params, question_input_ids_BxS, question_attention_mask_BxS, *, encoder: Encoder, **kw):
+    """The question encoder as a pure function of its parameters (so gradients reach them)."""
+    return pooled_encode(
+        encoder_params, question_input_ids_BxS, question_attention_mask_BxS,
+        cfg=encoder.config, pooling=encoder.pooling, **kw,
+    )  # fmt: skip
+
+
+def init_rag_model(
+    question_encoder_config: BertConfig,
+    generator_config: BartConfig,
+    config: RagConfig = RagConfig(),
+    *,
+    seed: int = 0,
+    variant: Variant = "token",
+) -> RagModel:
+    """A randomly initialised RAG model (DPR-style CLS question encoder, BART generator)."""
+    encoder_key, generator_key = jax.random.split(jax.random.key(seed))
+    question_encoder = Encoder(
+        params=bert.init_params(question_encoder_config, encoder_key),
+        config=question_encoder_config,
+        pooling="cls",
+        kind="dpr_question",
+    )
+    bart = Bart(generator_config, rngs=nnx.Rngs(params=generator_key))
+    return RagModel(question_encoder, Generator(model=bart, config=generator_config), config, variant)

@@ -1,0 +1,83 @@
+"""ShardedIndex: several indexes (ScaNN or exact), each over a contiguous range of rows, searched
+one by one and merged into one global top-k.
+
+Shard ``s`` covers rows ``offsets[s] .. offsets[s] + size_s - 1`` and returns local rows, shifted
+back by its offset before ``merge_topk``. Each shard is saved in its own subfolder
+(``shard-00000/`` ...), a complete index of its own, so shards can be loaded and searched in other
+processes or hosts; their partial results are then combined with the pure function
+``index.merge_topk``. A ScaNN shard trains its tree and AH codebooks on a sample of its own rows
+(ScaNN cannot share a trained tree between searchers; see ``scann_index``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sized
+
+import numpy as np
+
+from rag_jax.retrieval.embed import load_embeddings
+from rag_jax.retrieval.index.base import check_build_inputs, check_queries, merge_topk, read_meta, write_meta
+from rag_jax.retrieval.index.exact import ExactIndex
+from rag_jax.retrieval.index.scann import ScannIndex
+
+KINDS = {"exact": ExactIndex, "scann": ScannIndex}
+
+
+def shard_dir(directory: str, shard: int) -> str:
+    return os.path.join(directory, f"shard-{shard:05d}")
+
+
+class ShardedIndex:
+    """Shards searched in turn; ``search`` takes the shard indexes' own keyword arguments."""
+
+    def __init__(self, shards: list, offsets: list[int], kind: str):
+        if len(shards) != len(offsets) or not shards:
+            raise ValueError(f"{len(shards)} shards but {len(offsets)} offsets")
+        dims = {s.dim for s in shards}
+        if len(dims) != 1:
+            raise ValueError(f"shards have different dims: {sorted(dims)}")
+        expected = np.cumsum([0] + [s.size for s in shards[:-1]]).tolist()
+        if list(offsets) != expected:
+            raise ValueError(f"shard offsets {list(offsets)} do not tile the rows (expected {expected})")
+        self.shards, self.offsets, self.kind = shards, list(offsets), kind
+        self.dim, self.size = dims.pop(), sum(s.size for s in shards)
+
+    def search(self, queries: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        q = check_queries(queries, self.dim, self.size, k)
+        partial = []
+        for shard, offset in zip(self.shards, self.offsets):
+            ids, scores = shard.search(q, min(k, shard.size), **kwargs)
+            partial.append((ids + offset, scores))
+        return merge_topk(partial, k)
+
+    def save(self, directory: str) -> None:
+        for s, shard in enumerate(self.shards):
+            shard.save(shard_dir(directory, s))
+        write_meta(directory, {"kind": "sharded", "shard_kind": self.kind, "size": self.size, "dim": self.dim,
+                               "offsets": self.offsets, "sizes": [s.size for s in self.shards]})
+
+    @classmethod
+    def load(cls, directory: str, **kwargs) -> "ShardedIndex":
+        """Load every shard; ``kwargs`` go to the shard class's ``load``."""
+        meta = read_meta(directory, "sharded")
+        shards = [KINDS[meta["shard_kind"]].load(shard_dir(directory, s), **kwargs) for s in range(len(meta["offsets"]))]
+        return cls(shards, meta["offsets"], meta["shard_kind"])
+
+
+def build_sharded(embeddings, num_shards: int, *, kind: str = "scann", passages: Sized | None = None, **build_kwargs) -> ShardedIndex:
+    """Split the rows of ``embeddings`` (an array-like with row slices, or an embedding folder
+    written by ``embed.embed_passages``, read memory-mapped) into ``num_shards`` near-equal
+    contiguous ranges and build a ``kind`` index ("scann" or "exact") over each; only one shard's
+    rows are copied into memory at a time. ``build_kwargs`` go to each shard's ``build``."""
+    if isinstance(embeddings, (str, os.PathLike)):
+
+        embeddings = load_embeddings(os.fspath(embeddings), mmap=True)
+    n, _ = check_build_inputs(embeddings, passages)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    if not 1 <= num_shards <= n:
+        raise ValueError(f"num_shards={num_shards} must be between 1 and the number of rows {n}")
+    bounds = np.linspace(0, n, num_shards + 1).round().astype(int).tolist()
+    shards = [KINDS[kind].build(embeddings[a:b], **build_kwargs) for a, b in zip(bounds[:-1], bounds[1:])]
+    return ShardedIndex(shards, bounds[:-1], kind)

@@ -1,0 +1,26 @@
+"""Step batches from QA examples: closed-book (the question alone) and RAG (retrieved contexts)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rag_jax.data import qa as data
+
+
+def label_ids(generator_tokenizer, examples: list[data.QAExample], max_length: int) -> np.ndarray:
+    """``[B, T]`` generator labels: the first gold answer, tokenised (BOS ... EOS), padded."""
+    tok = generator_tokenizer([ex.answers[0] for ex in examples], padding="max_length", truncation=True,
+                              max_length=max_length, return_tensors="np")  # fmt: skip
+    return tok["input_ids"]
+
+
+def closed_book_batch(cfg, generator_tokenizer, examples: list[data.QAExample]) -> dict:
+    q = generator_tokenizer([ex.question for ex in examples], padding="max_length", truncation=True,
+                            max_length=cfg.data.max_source_length, return_tensors="np")  # fmt: skip
+    return {"input_ids": q["input_ids"], "attention_mask": q["attention_mask"],
+            "labels": label_ids(generator_tokenizer, examples, cfg.data.max_target_length)}  # fmt: skip
+
+
+def rag_batch(cfg, retriever, generator_tokenizer, examples: list[data.QAExample], encoder_params) -> dict:
+    retrieved = retriever.retrieve([ex.question for ex in examples], query_encoder_params=encoder_params)
+    return retriever.train_batch(retrieved, label_ids(generator_tokenizer, examples, cfg.data.max_target_length))

@@ -1,0 +1,118 @@
+"""What a run config names, built: the model, its tokenizers, the retriever over the corpus, the
+train-step settings and the QA splits."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+
+from rag_jax.data import qa as data
+from rag_jax.hf.encoder import load_encoder
+from rag_jax.hf.generator import load_generator
+from rag_jax.hf.rag import load_rag
+from rag_jax.models.configs import RagConfig
+from rag_jax.rag.model import RagModel
+from rag_jax.retrieval import BM25Index, PassageStore, Retriever, load_embeddings, load_index
+from rag_jax.training.optim import OptimizerConfig
+from rag_jax.training.step import TrainConfig
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> RagModel:
+    """From a transformers RAG folder, or a question encoder folder + a generator folder."""
+    m = cfg.model
+    variant = "token" if cfg.rag.variant == "closed_book" else cfg.rag.variant
+    if m.rag:
+        model = load_rag(m.rag)
+        return dataclasses.replace(model, variant=variant)
+    if not (m.question_encoder and m.generator):
+        raise ValueError("config.model: set `rag` (a RAG folder) or both `question_encoder` and `generator`")
+    rag_cfg = RagConfig(n_docs=cfg.rag.k, max_combined_length=cfg.rag.max_combined_length, prefix=cfg.rag.prefix or None)
+    return RagModel(load_encoder(m.question_encoder), load_generator(m.generator), rag_cfg, variant)
+
+
+def tokenizers(cfg: ml_collections.ConfigDict):
+    """(question tokenizer, generator tokenizer) from the model folders."""
+    from transformers import AutoTokenizer
+
+    m = cfg.model
+    if m.rag:
+        return (
+            AutoTokenizer.from_pretrained(os.path.join(m.rag, "question_encoder_tokenizer")),
+            AutoTokenizer.from_pretrained(os.path.join(m.rag, "generator_tokenizer")),
+        )
+    return AutoTokenizer.from_pretrained(m.question_encoder), AutoTokenizer.from_pretrained(m.generator)
+
+
+def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenizer, *, k: int):
+
+    c = cfg.corpus
+    if c.retriever not in ("dense", "bm25"):
+        raise ValueError(f"config.corpus.retriever must be 'dense' or 'bm25', got {c.retriever!r}")
+    fields = ("passages",) if c.retriever == "bm25" else ("passages", "embeddings", "index")
+    for field in fields:
+        if not c[field]:
+            raise ValueError(
+                f"config.corpus.{field} is empty: RAG needs a passage file, its embeddings (`rag-jax embed`) "
+                "and an index (`rag-jax build-index`)"
+            )
+    store = PassageStore.open(c.passages)
+    if c.retriever == "bm25":
+        index, embeddings = BM25Index.build(store.get_many(np.arange(len(store)))), None
+    else:
+        index, embeddings = load_index(c.index), load_embeddings(c.embeddings, store=store)
+    return Retriever(
+        question_encoder=model.question_encoder,
+        question_tokenizer=question_tokenizer,
+        generator_tokenizer=generator_tokenizer,
+        store=store,
+        index=index,
+        embeddings=embeddings,
+        k=k,
+        max_question_length=cfg.data.max_question_length,
+        max_combined_length=cfg.rag.max_combined_length,
+        prefix=cfg.rag.prefix or None,
+    )
+
+
+def train_config(cfg: ml_collections.ConfigDict) -> TrainConfig:
+    t = cfg.train
+    return TrainConfig(
+        variant=cfg.rag.variant,
+        epsilon=t.epsilon,
+        form=t.form,
+        loss_reduction=t.loss_reduction,
+        freeze_query_encoder=t.freeze_query_encoder or cfg.corpus.retriever == "bm25",
+        query_encoder_learning_rate=t.query_encoder_learning_rate,
+        compute_dtype=t.compute_dtype,
+        remat=t.remat,
+        grad_accum_steps=t.grad_accum_steps,
+        skip_nonfinite=t.on_nonfinite == "skip",
+        optimizer=OptimizerConfig(
+            learning_rate=t.learning_rate,
+            warmup_steps=t.warmup_steps,
+            total_steps=t.steps,
+            weight_decay=t.weight_decay,
+            clip_norm=t.clip_norm or None,
+        ),
+        seed=cfg.seed,
+    )
+
+
+def read_split(cfg: ml_collections.ConfigDict, split: str, generator_tokenizer=None) -> list[data.QAExample]:
+    path = cfg.data[split]
+    if not path:
+        raise ValueError(f"config.data.{split} is empty")
+    return data.read_qa(
+        path,
+        format=cfg.data.format or None,
+        strict=cfg.data.strict,
+        target_length=_target_length_fn(generator_tokenizer) if generator_tokenizer is not None else None,
+        max_target_length=cfg.data.max_target_length,
+    ).examples
+
+
+def _target_length_fn(tokenizer):
+    return lambda text: len(tokenizer(text)["input_ids"])

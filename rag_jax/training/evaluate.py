@@ -1,0 +1,88 @@
+"""Evaluation: generate answers for QA examples (with retrieval, or closed-book) and score them; load
+a run's trained model from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from rag_jax.data import qa as data
+from rag_jax.rag.decoding import generate_seq2seq
+from rag_jax.rag.model import RagModel
+from rag_jax.training import checkpointing, metrics, sharding
+from rag_jax.training.batches import closed_book_batch
+from rag_jax.training.components import build_model, train_config
+from rag_jax.training.step import Trainer
+
+
+def task_metrics(fmt: str, predictions: list[str], answers: list[tuple[str, ...]]) -> dict:
+    """EM and F1 for every task; BLEU-1 and ROUGE-L for generation targets; label accuracy for FEVER."""
+    result = metrics.qa_metrics(predictions, answers)
+    if fmt == "generation":
+        result.update(bleu1=metrics.bleu1(predictions, answers), rouge_l=metrics.rouge_l(predictions, answers))
+    if fmt == "fever":
+        result["label_accuracy"] = metrics.label_accuracy(predictions, answers)
+    return result
+
+
+def evaluate(cfg, model: RagModel, examples: list[data.QAExample], *, generator_tokenizer, retriever=None,
+             fmt: str = "jsonl", progress: bool = True) -> tuple[dict, list[dict]]:  # fmt: skip
+    """Generate answers for ``examples`` (``cfg.eval``: k, beams, decoding, batch size) and score them
+    (``task_metrics``; with retrieval also ``recall_at_k``: the fraction of questions with a gold
+    answer in a retrieved passage). Every batch is padded to ``eval.batch_size`` so one compiled
+    program serves them all. Returns (metrics, per-example records)."""
+    e = cfg.eval
+    if e.max_examples:
+        examples = examples[: e.max_examples]
+    records = []
+    for start in tqdm(range(0, len(examples), e.batch_size), desc="eval", disable=not progress, leave=False):
+        chunk = examples[start : start + e.batch_size]
+        n = len(chunk)
+        chunk = chunk + [chunk[-1]] * (e.batch_size - n)
+        passages = None
+        if retriever is None:
+            b = closed_book_batch(cfg, generator_tokenizer, chunk)
+            out = generate_seq2seq(model.generator, b["input_ids"], b["attention_mask"],
+                                   num_beams=e.num_beams, max_length=e.max_length)  # fmt: skip
+        else:
+            r = retriever.retrieve([ex.question for ex in chunk], k=e.k,
+                                   query_encoder_params=model.question_encoder.params)  # fmt: skip
+            B, K, S = r.context_input_ids_BxKxS.shape
+            out = model.generate(
+                r.context_input_ids_BxKxS.reshape(B * K, S), r.context_attention_mask_BxKxS.reshape(B * K, S),
+                r.doc_scores_BxK, n_docs=K, decoding=e.decoding, num_beams=e.num_beams, max_length=e.max_length,
+            )  # fmt: skip
+            passages = r.passages
+        texts = generator_tokenizer.batch_decode(np.asarray(out), skip_special_tokens=True)
+        for i, ex in enumerate(chunk[:n]):
+            rec = {"question": ex.question, "answers": list(ex.answers), "prediction": texts[i].strip()}
+            if passages is not None:
+                rec["retrieved"] = [p.title for p in passages[i]]
+                rec["answer_in_top_k"] = metrics.has_answer([p.text for p in passages[i]], ex.answers)
+            records.append(rec)
+    result = task_metrics(fmt, [r["prediction"] for r in records], [tuple(r["answers"]) for r in records])
+    if retriever is not None:
+        result["recall_at_k"] = float(np.mean([r["answer_in_top_k"] for r in records]))
+    return result, records
+
+
+def checkpoint_target(trainer: Trainer) -> dict:
+    """The abstract checkpoint of a run: the train state and the retrieval encoder snapshot."""
+    abstract = trainer.abstract_state()
+    return {"train": abstract, "retrieval_encoder": abstract.params["query_encoder"]}
+
+
+def load_trained_model(cfg: ml_collections.ConfigDict, step: int | None = None) -> tuple[RagModel, int]:
+    """The model of a run's checkpoint ``step`` (default: the latest readable), read-only."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh.to_dict()))
+    trainer = Trainer(build_model(cfg), train_config(cfg), mesh)
+    directory = os.path.join(cfg.run_dir, "checkpoints")
+    with checkpointing.Checkpointer(directory, save_every=1, keep=1, read_only=True) as ckpt:
+        restored = ckpt.restore(checkpoint_target(trainer), step=step)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    tree, _, restored_step = restored
+    return trainer.to_model(tree["train"].params), restored_step

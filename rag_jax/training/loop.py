@@ -1,0 +1,209 @@
+"""The training run a researcher launches: data -> retrieval -> jitted step -> evaluation ->
+checkpoints and logs (``rag-jax train``).
+
+Retrieval happens on the host inside the loop, with the question encoder being trained: the
+encoder used to *retrieve* is refreshed every ``train.retrieval_refresh_every`` steps (1: the
+current encoder, retrieval waits for the previous step; R > 1: retrieval for the next R steps runs in a
+background thread ahead of the device, with an encoder up to R steps old; with the encoder frozen, or
+closed-book, batches are always prepared ``LOOKAHEAD_STEPS`` ahead). The doc scores in the
+loss are always recomputed from the *current* encoder inside the step, so the gradient is exact
+for the retrieved set whatever R is.
+
+Determinism: the batch order is a function of (seed, epoch), dropout keys live in the train state,
+and the retrieval encoder snapshot is part of the checkpoint, so a run killed at any step and
+restarted from its last checkpoint produces the same per-step losses as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from rag_jax.data import qa as data
+from rag_jax.training import checkpointing, sharding
+from rag_jax.training.batches import closed_book_batch, rag_batch
+from rag_jax.training.components import build_model, build_retriever, read_split, tokenizers, train_config
+from rag_jax.training.evaluate import checkpoint_target, evaluate
+from rag_jax.training.metric_writer import MetricWriter
+from rag_jax.training.step import Trainer
+
+log = logging.getLogger(__name__)
+
+LOOKAHEAD_STEPS = 8  # batches prepared ahead of the device when retrieval cannot change
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A batch being assembled (maybe in the background) for one step, with the data-iterator
+    state right after it was drawn (what a checkpoint after that step records)."""
+
+    future: concurrent.futures.Future
+    examples: list
+    data_state: dict
+
+
+def _step_batches(iterator, examples, make_batch, refresh_every: int, current_encoder, start_step: int
+                  ) -> Iterator[_Pending]:  # fmt: skip
+    """Batches for the steps after ``start_step``. The steps of each window ``(n R, (n + 1) R]`` of
+    ``R = refresh_every`` steps are retrieved in one background thread, ahead of the device, with the
+    encoder ``current_encoder()`` returns when the window starts (windows are aligned to absolute
+    steps, so a resumed run retrieves with the same encoders as an uninterrupted one)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval")
+    step = start_step
+    try:
+        while True:
+            encoder_params = current_encoder()
+            window = []
+            for _ in range(refresh_every - step % refresh_every):  # all submitted now, run in order
+                chosen = [examples[i] for i in next(iterator)]
+                window.append(_Pending(pool.submit(make_batch, chosen, encoder_params), chosen, iterator.state()))
+                step += 1
+            yield from window
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _process_local(tree):
+    """``tree`` usable by this process alone (host-side retrieval and evaluation): itself in a
+    single-process run, the full values gathered from every process otherwise."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
+    """Train (resuming from ``run_dir/checkpoints`` when a checkpoint is there), evaluate on the dev
+    split every ``train.eval_every`` steps and at the end; returns the last dev metrics.
+
+    The checkpoint holds ``{"train": TrainState, "retrieval_encoder": the question-encoder snapshot
+    retrieval uses}`` and the data-iterator position, so a resumed run repeats the same steps."""
+    sharding.maybe_initialize_distributed()
+    t = cfg.train
+    process_count, process_index = jax.process_count(), jax.process_index()
+    if t.batch_size % process_count:
+        raise ValueError(f"train.batch_size {t.batch_size} is not divisible by the {process_count} processes")
+    mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh.to_dict()))
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_size % (batch_ways * t.grad_accum_steps):
+        raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of the mesh's data x fsdp size "
+                         f"{batch_ways} times train.grad_accum_steps {t.grad_accum_steps}")  # fmt: skip
+
+    model = build_model(cfg)
+    question_tokenizer, generator_tokenizer = tokenizers(cfg)
+    closed_book = cfg.rag.variant == "closed_book"
+    retriever = None if closed_book else build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=cfg.rag.k)
+    train_examples = read_split(cfg, "train", generator_tokenizer)
+    dev_examples = read_split(cfg, "dev") if cfg.data.dev else []
+    dev_format = data.detect_format(cfg.data.dev, cfg.data.format or None) if cfg.data.dev else ""
+    # HF fast tokenizers are not thread-safe: evaluation (main thread) gets its own, retrieval ahead
+    # of the step (background thread) keeps the first pair.
+    eval_question_tokenizer, eval_generator_tokenizer = tokenizers(cfg)
+    eval_retriever = None if closed_book else dataclasses.replace(
+        retriever, question_tokenizer=eval_question_tokenizer, generator_tokenizer=eval_generator_tokenizer)
+
+    trainer = Trainer(model, train_config(cfg), mesh)
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(cfg.run_dir, "checkpoints"), save_every=t.save_every, keep=t.keep_checkpoints,
+        best_metric=(t.best_metric or None) if dev_examples else None,
+    )  # fmt: skip
+    ckpt.write_config(cfg.to_dict())
+    iterator = data.BatchIterator(len(train_examples), t.batch_size, seed=cfg.seed,
+                                  process_index=process_index, process_count=process_count)  # fmt: skip
+    restored = ckpt.restore(checkpoint_target(trainer))
+    if restored is None:
+        state, start = trainer.init_state(), 0
+        snapshot = jax.tree.map(jnp.copy, state.params["query_encoder"])
+    else:
+        tree, data_state, start = restored
+        state, snapshot = tree["train"], tree["retrieval_encoder"]
+        iterator.restore(data_state["iterator"])
+        log.info("resumed from the checkpoint of step %d in %s", start, ckpt.directory)
+    # the encoder retrieval uses: a copy (the step donates its state), refreshed every R steps
+    retrieval = {"snapshot": snapshot, "local": _process_local(snapshot)}
+
+    def make_batch(chosen, encoder_params):
+        if closed_book:
+            return closed_book_batch(cfg, generator_tokenizer, chosen)
+        return rag_batch(cfg, retriever, generator_tokenizer, chosen, encoder_params)
+
+    def evaluate_dev(params) -> dict:
+        result, _ = evaluate(cfg, trainer.to_model(_process_local(params)), dev_examples,
+                             generator_tokenizer=eval_generator_tokenizer, retriever=eval_retriever, fmt=dev_format,
+                             progress=progress and process_index == 0)  # fmt: skip
+        return result
+
+    refresh_every = max(int(t.retrieval_refresh_every), 1)
+    if closed_book or trainer.cfg.freeze_query_encoder:  # retrieval never changes: run it ahead of the steps
+        refresh_every = max(refresh_every, LOOKAHEAD_STEPS)
+    writer = MetricWriter(cfg.run_dir, start_step=start)
+    restore_signals = checkpointing.install_preemption_handler()
+    batches = _step_batches(iterator, train_examples, make_batch, refresh_every, lambda: retrieval["local"], start)
+    skipped, dev_metrics, step = 0, {}, start
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not progress or process_index != 0)
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while step < t.steps:
+            item = next(batches)
+            state, step_metrics = trainer.train_step(state, item.future.result())
+            step += 1
+            window_steps += 1
+            if step % refresh_every == 0:
+                retrieval["snapshot"] = jax.tree.map(jnp.copy, state.params["query_encoder"])
+                retrieval["local"] = _process_local(retrieval["snapshot"])
+            if bool(step_metrics["nonfinite"]):
+                where = ", ".join(ex.where for ex in item.examples[:8])
+                if t.on_nonfinite != "skip":
+                    raise NonFiniteLossError(f"non-finite loss or gradient at step {step} (batch examples {where}); "
+                                             f"the last good checkpoint is kept in {ckpt.directory}")  # fmt: skip
+                skipped += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped (batch examples %s)", step, where)
+            if step % t.log_every == 0 or step == t.steps:
+                rate = window_steps * t.batch_size / max(time.perf_counter() - window_start, 1e-9)
+                loss = float(step_metrics["loss"])
+                writer.write(step, {"loss": loss, "grad_norm": float(step_metrics["grad_norm"]),
+                                    "examples_per_s": rate, "skipped_steps": skipped}, prefix="train")  # fmt: skip
+                bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:.1f}")
+                window_start, window_steps = time.perf_counter(), 0
+            bar.update(1)
+            evaluating = bool(dev_examples) and (step % t.eval_every == 0 or step == t.steps)
+            if evaluating:
+                dev_metrics = evaluate_dev(state.params)
+                writer.write(step, dev_metrics, prefix="dev")
+                log.info("step %d dev %s", step, dev_metrics)
+            stop = _any_process(checkpointing.preempted())
+            ckpt.save(step, {"train": state, "retrieval_encoder": retrieval["snapshot"]},
+                      {"iterator": item.data_state}, dev_metrics if evaluating else None,
+                      force=step == t.steps or stop)  # fmt: skip
+            if stop:
+                log.warning("pre-empted (SIGTERM): checkpoint saved at step %d, exiting", step)
+                break
+    finally:
+        bar.close()
+        restore_signals()
+        writer.close()
+        ckpt.close()
+    return dev_metrics

@@ -1,0 +1,201 @@
+"""``rag-jax train / eval / export`` end to end on a tiny task (synthetic knowledge base, tiny random
+encoder and BART, ScaNN over the embedded passages): training with retrieval in the loop,
+evaluation, checkpoints, HF export with equal losses, exact resume after SIGKILL, and a real
+two-process multi-host run equal to one process."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rag_jax import cli
+from rag_jax.models.configs import BartConfig, BertConfig
+from rag_jax.quickstart import task as quickstart_task
+from rag_jax.training.metric_writer import read_metrics
+
+TINY_ENCODER = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                          max_position_embeddings=64)  # fmt: skip
+TINY_BART = BartConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                       dropout=0.1)  # fmt: skip
+CONFIG_FILE = """
+import json, ml_collections
+
+def get_config(path):
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+"""
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    return quickstart_task.prepare_task(str(root), entities=16, generator=TINY_BART, encoder=TINY_ENCODER, index="scann",
+                                   embed_max_length=32, progress=False)  # fmt: skip
+
+
+def write_config(task, tmp_path, run_dir: str, variant: str = "token", **train) -> str:
+    cfg = quickstart_task.run_config(
+        task, variant, run_dir,
+        data={"max_question_length": 16, "max_target_length": 8},
+        rag={"k": 2, "max_combined_length": 48},
+        train={"steps": 6, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 1, "epsilon": 0.0,
+               "clip_norm": 1.0, "log_every": 1, "eval_every": 3, "save_every": 2, **train},
+        eval={"k": 2, "batch_size": 4, "max_examples": 4, "max_length": 6},
+        mesh={"data": -1},
+    )  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "config.py").write_text(CONFIG_FILE)
+    return f"{tmp_path / 'config.py'}:{tmp_path / 'config.json'}"
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def test_train_eval_export_end_to_end(task, tmp_path, capsys):
+    import torch
+    from transformers import RagTokenForGeneration
+
+    from rag_jax.config import saved_run_config
+    from rag_jax.training import evaluate
+
+    run_dir = str(tmp_path / "run")
+    spec = write_config(task, tmp_path, run_dir)
+    assert cli.main(["train", "--config", spec, "--no-progress"]) == 0
+    records = read_metrics(run_dir)
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(v) for v in losses(run_dir).values())
+    dev = [r for r in records if "dev/em" in r]
+    assert [r["step"] for r in dev] == [3, 6] and all({"dev/f1", "dev/recall_at_k"} <= set(r) for r in dev)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(run_dir, "tb")))
+    assert sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit()) == [2, 4, 6]
+    with open(os.path.join(run_dir, "checkpoints", "config.json")) as f:
+        assert json.load(f)["train"]["steps"] == 6
+    capsys.readouterr()
+
+    assert cli.main(["eval", "--run", run_dir, "--split", "test"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 6 and {"em", "f1", "recall_at_k"} <= set(result)
+    with open(result["predictions"]) as f:
+        predictions = [json.loads(line) for line in f]
+    assert len(predictions) == 4 and all(len(p["retrieved"]) == 2 for p in predictions)
+
+    out = str(tmp_path / "export")
+    assert cli.main(["export", "--run", run_dir, "--out", out]) == 0
+    assert {"passages.tsv", "embeddings", "index", "generator_tokenizer", "question_encoder_tokenizer"} <= set(
+        os.listdir(out)
+    )
+    model, _ = evaluate.load_trained_model(saved_run_config(run_dir))
+    hf = RagTokenForGeneration.from_pretrained(out).eval()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, model.generator.config.vocab_size, size=(2 * 2, 10))
+    mask = np.ones_like(ids)
+    doc_scores = rng.normal(size=(2, 2)).astype(np.float32)
+    labels = rng.integers(4, model.generator.config.vocab_size, size=(2, 5))
+    ours = np.asarray(model.loss(ids, mask, doc_scores, labels, variant="token", n_docs=2))
+    with torch.no_grad():
+        theirs = hf(context_input_ids=torch.tensor(ids), context_attention_mask=torch.tensor(mask),
+                    doc_scores=torch.tensor(doc_scores), labels=torch.tensor(labels), n_docs=2).loss.numpy()  # fmt: skip
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+def test_unknown_override_is_an_error(task, tmp_path):
+    spec = write_config(task, tmp_path, str(tmp_path / "run"))
+    with pytest.raises(KeyError, match="train.stepz"):
+        cli.main(["train", "--config", spec, "--config.train.stepz=3"])
+
+
+# -- subprocess runs -----------------------------------------------------------------------------
+
+
+def rag_jax_process(args, devices: int, **env) -> subprocess.Popen:
+    """``rag-jax args`` in a new process with ``devices`` CPU devices and this process's matmul precision."""
+    environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                   "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest", **env}  # fmt: skip
+    return subprocess.Popen([sys.executable, "-m", "rag_jax", *args], env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def run_until(args, run_dir, step: int, sig: int) -> subprocess.Popen:
+    """Start ``rag-jax args`` and send it ``sig`` once it has logged ``step``."""
+    process = rag_jax_process(args, 8)
+    deadline = time.time() + 300
+    while max(losses(run_dir), default=0) < step:
+        assert process.poll() is None and time.time() < deadline, "the run ended before the signal"
+        time.sleep(0.05)
+    process.send_signal(sig)
+    process.wait(timeout=300)
+    return process
+
+
+def test_preemption_and_sigkill_then_resume_give_the_same_losses(task, tmp_path):
+    """A run pre-empted (SIGTERM) saves a checkpoint at the step it reached and exits cleanly; resumed,
+    then killed with SIGKILL (checkpoints every 2 steps; retrieval refreshed every 3 steps, so the
+    checkpointed retrieval encoder is older than the trained one) and resumed again, it logs exactly
+    the per-step losses of an uninterrupted run."""
+    settings = ["--no-progress", "--config.train.steps=9", "--config.train.retrieval_refresh_every=3",
+                "--config.data.dev="]  # fmt: skip
+    reference_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "interrupted")
+    assert cli.main(["train", "--config", write_config(task, tmp_path, reference_dir), *settings]) == 0  # 8 devices
+    (tmp_path / "k").mkdir()
+    args = ["train", "--config", write_config(task, tmp_path / "k", run_dir), *settings]
+
+    preempted = run_until(args, run_dir, 2, signal.SIGTERM)
+    assert preempted.returncode == 0, preempted.stdout.read()[-3000:]
+    stopped_at = max(losses(run_dir))
+    assert str(stopped_at) in os.listdir(os.path.join(run_dir, "checkpoints"))  # saved at the step it reached
+    killed = run_until(args, run_dir, stopped_at + 3, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL and max(losses(run_dir)) < 9
+    finish(rag_jax_process(args, 8))
+    expected, resumed = losses(reference_dir), losses(run_dir)
+    assert sorted(resumed) == list(range(1, 10))
+    assert [resumed[s] for s in range(1, 10)] == [expected[s] for s in range(1, 10)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(task, tmp_path, capsys):
+    """Two ``rag-jax train`` processes (2 CPU devices each, gloo collectives, loopback coordinator)
+    give the per-step losses of one process with the same 4 devices' mesh and global batch; only
+    process 0 writes logs; the checkpoint restores in a single process (``rag-jax eval``, 8 devices)."""
+    settings = ["--no-progress", "--config.train.steps=4", "--config.train.eval_every=4"]
+    single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
+    single_process = rag_jax_process(["train", "--config", write_config(task, tmp_path, single_dir), *settings], 4)
+
+    (tmp_path / "m").mkdir()
+    spec = write_config(task, tmp_path / "m", multi_dir)
+    address = f"localhost:{free_port()}"
+    cluster = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2"}
+    processes = [rag_jax_process(["train", "--config", spec, *settings], 2, **cluster, JAX_PROCESS_ID=str(i))
+                 for i in range(2)]  # fmt: skip
+    for p in [single_process, *processes]:
+        finish(p)
+    single, multi = losses(single_dir), losses(multi_dir)
+    assert sorted(multi) == [1, 2, 3, 4]
+    # The first step's loss (same parameters, same global batch) agrees to float32 rounding; later steps
+    # differ only by the collectives' summation order, which Adam's division by sqrt(v) amplifies
+    # (see ADAM_ATOL in test_train.py).
+    np.testing.assert_allclose(multi[1], single[1], rtol=2e-6)
+    np.testing.assert_allclose([multi[s] for s in range(2, 5)], [single[s] for s in range(2, 5)], rtol=1e-4)
+    steps_logged = [r["step"] for r in read_metrics(multi_dir) if "train/loss" in r]
+    assert steps_logged == [1, 2, 3, 4]  # one writer
+    capsys.readouterr()
+    assert cli.main(["eval", "--run", multi_dir, "--split", "dev"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4

@@ -1,0 +1,276 @@
+"""The training step: gradients, freezing, accumulation, SPMD equivalence, and learning."""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from rag_jax.models.configs import BartConfig, BertConfig
+from rag_jax.rag.model import init_rag_model, question_vectors
+from rag_jax.training import sharding
+from rag_jax.training.optim import OptimizerConfig, clip_by_global_norm, global_norm
+from rag_jax.training.step import TrainConfig, Trainer
+
+V, D, K, B, SQ, S, T = 64, 32, 3, 8, 6, 10, 5
+PAD = 1
+# Adam divides by sqrt(v): for a gradient entry near zero, float32 rounding differences between two
+# summation orders become update differences of up to a few percent of the learning rate (3e-3 here).
+ADAM_ATOL = 5e-5
+
+
+def _model(dropout: float = 0.0):
+    bert = BertConfig(
+        vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )  # fmt: skip
+    bart = BartConfig(
+        vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32,
+        dropout=dropout, attention_dropout=dropout, activation_dropout=dropout,
+    )  # fmt: skip
+    return init_rag_model(bert, bart, seed=0)
+
+
+def _batch(seed: int = 0, closed_book: bool = False):
+    """A synthetic task: the answer is the first tokens of document 0, whose embedding is aligned
+    with the question's CLS embedding direction only through training."""
+    rng = np.random.default_rng(seed)
+    labels = np.full((B, T), PAD)
+    context = rng.integers(3, V, size=(B, K, S))
+    labels[:, : T - 1] = context[:, 0, 1:T]
+    labels[:, T - 1] = 2  # eos
+    if closed_book:
+        q = rng.integers(3, V, size=(B, S))
+        return {"input_ids": q, "attention_mask": np.ones_like(q), "labels": labels}
+    question = rng.integers(3, V, size=(B, SQ))
+    return {
+        "question_input_ids": question,
+        "question_attention_mask": np.ones_like(question),
+        "doc_embeddings": rng.normal(size=(B, K, D)).astype(np.float32),
+        "context_input_ids": context,
+        "context_attention_mask": np.ones_like(context),
+        "labels": labels,
+    }
+
+
+def _cfg(**kw):
+    opt = OptimizerConfig(learning_rate=3e-3, warmup_steps=5, total_steps=400, clip_norm=1.0)
+    return TrainConfig(**{"optimizer": opt, **kw})
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@functools.cache
+def _trainer(cfg: TrainConfig, dropout: float = 0.0) -> Trainer:
+    """One single-device Trainer per (config, dropout) in a test process, so tests share its compiled
+    step (each test starts from its own ``init_state()``; the step donates only the state)."""
+    return Trainer(_model(dropout=dropout), cfg)
+
+
+@functools.cache
+def _loss_grad(trainer):
+    """The jitted gradient of the summed loss (eager op-by-op differentiation is much slower)."""
+    return jax.jit(jax.grad(lambda params, batch: trainer.per_example_loss(params, batch, None).sum()))
+
+
+def test_gradients_reach_query_encoder_and_generator_only():
+    trainer = _trainer(_cfg())
+    state = trainer.init_state()
+    assert set(state.params) == {"query_encoder", "generator"}  # the doc encoder is not trained
+    grads = _loss_grad(trainer)(state.params, _batch())
+    for name in ("query_encoder", "generator"):
+        assert sum(float(np.abs(g).sum()) for g in _leaves(grads[name])) > 0, name
+
+
+def test_frozen_query_encoder_does_not_move():
+    trainer = _trainer(_cfg(freeze_query_encoder=True))
+    state = trainer.init_state()
+    before_qe, before_gen = _leaves(state.params["query_encoder"]), _leaves(state.params["generator"])
+    for _ in range(2):  # the warmup's first learning rate is 0
+        state, metrics = trainer.train_step(state, _batch())
+    assert np.isfinite(float(metrics["loss"]))
+    for a, b in zip(before_qe, _leaves(state.params["query_encoder"])):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(before_gen, _leaves(state.params["generator"])))
+
+
+def test_fixed_doc_scores_give_the_dense_loss_and_no_query_encoder_gradient():
+    """A batch from a fixed retriever (BM25) brings ``doc_scores``: the loss is the one the step
+    computes from embeddings with the same scores, and the question encoder gets no gradient."""
+    trainer = _trainer(_cfg())
+    params = trainer.init_state().params
+    dense = _batch()
+    q_BxD = question_vectors(params["query_encoder"], dense["question_input_ids"], dense["question_attention_mask"],
+                             encoder=trainer.encoder)  # fmt: skip
+    fixed = {k: v for k, v in dense.items() if k not in ("question_input_ids", "question_attention_mask",
+                                                           "doc_embeddings")}  # fmt: skip
+    fixed["doc_scores"] = np.einsum("bd,bkd->bk", np.asarray(q_BxD), dense["doc_embeddings"])
+    loss = jax.jit(lambda p, b: trainer.per_example_loss(p, b, None))
+    np.testing.assert_allclose(loss(params, fixed), loss(params, dense), rtol=1e-6)
+    grads = _loss_grad(trainer)(params, fixed)
+    assert all(not g.any() for g in _leaves(grads["query_encoder"]))
+    assert any(g.any() for g in _leaves(grads["generator"]))
+
+
+def _two_steps_deltas(cfg, batch):
+    trainer = _trainer(cfg)
+    state = trainer.init_state()
+    before = {name: _leaves(tree) for name, tree in state.params.items()}
+    for _ in range(2):  # the warmup's first learning rate is 0
+        state, _ = trainer.train_step(state, dict(batch))
+    return {name: [b - a for a, b in zip(before[name], _leaves(tree))] for name, tree in state.params.items()}
+
+
+def test_query_encoder_learning_rate_scales_its_updates_only():
+    base = _two_steps_deltas(_cfg(), _batch())
+    slow = _two_steps_deltas(_cfg(query_encoder_learning_rate=3e-4), _batch())  # a tenth of 3e-3
+    for a, b in zip(base["query_encoder"], slow["query_encoder"]):
+        np.testing.assert_allclose(b, a / 10, rtol=1e-4, atol=2e-7)  # deltas of O(1) float32 parameters
+    for a, b in zip(base["generator"], slow["generator"]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-9)
+
+
+def test_closed_book_leaves_the_unused_query_encoder_alone():
+    deltas = _two_steps_deltas(_cfg(variant="closed_book"), _batch(closed_book=True))
+    assert all(not d.any() for d in deltas["query_encoder"])  # no weight decay drift either
+    assert any(d.any() for d in deltas["generator"])
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    results = []
+    for accum in (1, 2):
+        trainer = _trainer(_cfg(grad_accum_steps=accum))
+        state = trainer.init_state()
+        for _ in range(2):  # the warmup's first learning rate is 0
+            state, metrics = trainer.train_step(state, _batch())
+        results.append((metrics, _leaves(state.params)))
+    for name in ("loss", "grad_norm"):
+        assert float(results[0][0][name]) == pytest.approx(float(results[1][0][name]), rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, atol=ADAM_ATOL)
+
+
+def test_remat_and_bfloat16_compute():
+    base = _trainer(_cfg())
+    params = base.init_state().params
+    loss = jax.jit(lambda p, b: base.per_example_loss(p, b, None))(params, _batch())
+    remat = _trainer(_cfg(remat=True))
+    grad = _loss_grad(base)(params, _batch())
+    grad_remat = _loss_grad(remat)(params, _batch())
+    for a, b in zip(_leaves(grad), _leaves(grad_remat)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    bf16 = _trainer(_cfg(compute_dtype="bfloat16"))
+    loss_bf16 = jax.jit(lambda p, b: bf16.per_example_loss(p, b, None))(params, _batch())
+    np.testing.assert_allclose(np.asarray(loss_bf16), np.asarray(loss), rtol=0.05)
+
+
+def _is_adam_state(node) -> bool:
+    return isinstance(node, optax.ScaleByAdamState)
+
+
+def test_sharded_step_equals_single_device_step():
+    assert jax.device_count() == 8
+    batch = _batch(seed=3)
+    single = _trainer(_cfg(), dropout=0.1)
+    state1 = single.init_state()
+    for _ in range(2):  # the warmup's first learning rate is 0
+        state1, metrics1 = single.train_step(state1, dict(batch))
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+    sharded = Trainer(_model(dropout=0.1), _cfg(), mesh=mesh)
+    state8 = sharded.init_state()
+    fc1 = state8.params["generator"]["encoder"]["layers"][0]["fc1"]["kernel"]
+    assert fc1.sharding.spec == P("fsdp", None)  # embed dim (32) over fsdp; mlp (48) over model (size 1)
+    word = state8.params["query_encoder"]["embeddings"]["word"]
+    assert word.sharding.spec == P(None, "fsdp")
+    query = state8.params["query_encoder"]["layers"]["query"]["kernel"]
+    assert query.sharding.spec == P(None, "fsdp", None)  # [layers, embed, heads]
+    adam_states = [s for s in jax.tree_util.tree_leaves(state8.opt_state, is_leaf=_is_adam_state)
+                   if _is_adam_state(s)]  # fmt: skip
+    assert adam_states
+    for adam in adam_states:
+        fc1_mu = adam.mu["generator"]["encoder"]["layers"][0]["fc1"]["kernel"]
+        assert fc1_mu.sharding.spec == P("fsdp", None)
+
+    for _ in range(2):
+        state8, metrics8 = sharded.train_step(state8, dict(batch))
+    assert float(metrics8["loss"]) == pytest.approx(float(metrics1["loss"]), rel=1e-5)
+    assert float(metrics8["grad_norm"]) == pytest.approx(float(metrics1["grad_norm"]), rel=1e-5)
+    for a, b in zip(_leaves(state1.params), _leaves(state8.params)):
+        np.testing.assert_allclose(a, b, atol=ADAM_ATOL)
+
+
+@pytest.mark.parametrize("variant", ["token", "sequence", "closed_book"])
+def test_training_drives_the_loss_down(variant):
+    closed_book = variant == "closed_book"
+    trainer = _trainer(_cfg(variant=variant), dropout=0.1)
+    state = trainer.init_state()
+    data = [_batch(seed=i, closed_book=closed_book) for i in range(2)]
+    losses = []
+    for step in range(200):
+        state, metrics = trainer.train_step(state, dict(data[step % 2]))
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+
+
+def test_reference_recipe():
+    cfg = TrainConfig.reference_recipe()
+    assert (cfg.epsilon, cfg.loss_reduction) == (0.1, "sum")
+    opt = cfg.optimizer
+    assert (opt.learning_rate, opt.weight_decay, opt.clip_norm, opt.warmup_steps) == (3e-5, 0.001, 0.1, 500)
+    assert dataclasses.replace(cfg, variant="sequence").variant == "sequence"
+
+
+def test_nonfinite_step_is_skipped_or_reported():
+    bad = _batch()
+    bad["doc_embeddings"][0, 0, 0] = np.inf  # doc scores of example 0 become non-finite
+    for skip in (True, False):
+        trainer = _trainer(_cfg(skip_nonfinite=skip))
+        state = trainer.init_state()
+        state, _ = trainer.train_step(state, _batch())  # warmup: lr 0 at step 0
+        before = _leaves(state.params)
+        state, metrics = trainer.train_step(state, dict(bad))
+        assert bool(metrics["nonfinite"])
+        unchanged = all(np.array_equal(a, b) for a, b in zip(before, _leaves(state.params)))
+        assert unchanged == skip
+        state, metrics = trainer.train_step(state, _batch())
+        assert bool(metrics["nonfinite"]) != skip  # without skipping, NaN parameters stay NaN
+
+
+def test_to_model_carries_trained_parameters():
+    trainer = _trainer(_cfg())
+    state = trainer.init_state()
+    for _ in range(2):
+        state, _ = trainer.train_step(state, _batch())
+    model = trainer.to_model(state.params)
+    batch = _batch()
+    q = model.question_encoder.encode(batch["question_input_ids"], batch["question_attention_mask"])
+    q_trainer = question_vectors(state.params["query_encoder"], batch["question_input_ids"],
+                                 batch["question_attention_mask"], encoder=trainer.encoder)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(q), np.asarray(q_trainer), atol=1e-6)
+    dec = batch["labels"]
+    logits = model.generator.logits(batch["context_input_ids"][:, 0], batch["context_attention_mask"][:, 0], dec)
+    ref = nnx.merge(trainer.graphdef, state.params["generator"], trainer.buffers)
+    np.testing.assert_allclose(
+        np.asarray(logits), np.asarray(ref(batch["context_input_ids"][:, 0], batch["context_attention_mask"][:, 0], dec)),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1e3])  # clipping active / inactive
+def test_clip_by_global_norm_equals_optax(max_norm):
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": {"c": rng.normal(size=(5,)).astype(np.float32)}}
+    ours, _ = clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    ref, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    np.testing.assert_allclose(global_norm(grads), optax.tree.norm(grads), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
