@@ -1,23 +1,45 @@
-"""Run configs: Python files with ``get_config(arg)`` returning an ``ml_collections.ConfigDict``,
-plus command-line overrides (``--config experiments/configs/tiny.py:arg --config.rag.k=10``).
+"""Run configs: the one schema (``default_config``), config files and overrides, and the typed views
+the library takes (``resolve``).
 
-``default_config()`` is the schema: every field a run reads, with its default. A config file starts
-from it and changes what its experiment needs; an override must name a field that exists (a typo is
-an error, not a silently ignored setting) and is parsed by the type of the field's current value.
+A config file is a Python file with ``get_config(arg)`` returning an ``ml_collections.ConfigDict``
+(``--config experiments/configs/paper.py:nq-token``), with command-line overrides
+(``--config.rag.k=10``). ``default_config()`` is the schema: every field a run reads, with its
+default, defined nowhere else. A config file starts from it and changes what its experiment needs;
+every field it sets and every override must exist in the schema (a typo is an error naming the
+closest valid field), and an override is parsed by the type of the field's current value.
+
+``resolve(config)`` checks the values and builds the typed, frozen views the library's APIs take
+(``TrainConfig`` with its ``OptimizerConfig``, ``MeshConfig``, the model's ``RagConfig``); no other
+place constructs them from a config, and they have no defaults of their own.
+
+Defaults decided once (they disagreed before the views were derived from the schema): label smoothing
+``train.epsilon = 0.1`` and weight decay 0.001, clip 0.1, warmup 500 (the fine-tuning recipe used
+with the transformers reference, design.md); the learning-rate schedule decays to 0 at
+``train.steps`` (default 1000); the loss is a per-example mean (``train.loss_reduction``: the learning
+rate does not depend on the batch size) in the training form of the objective
+(``rag_jax.rag.objective``); ``reference_recipe()`` switches to the reference's batch sum.
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
+import difflib
 import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import ml_collections
 
+from rag_jax.models.configs import RagConfig
 from rag_jax.rag import objective
+
+VARIANTS = ("token", "sequence", "closed_book")
+RETRIEVERS = ("dense", "bm25")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -58,14 +80,20 @@ def default_config() -> ml_collections.ConfigDict:
         batch_size=8,  # global batch (split over processes and the data axis)
         learning_rate=3e-5,
         warmup_steps=500,
-        weight_decay=0.001,
-        clip_norm=0.1,
+        end_learning_rate=0.0,  # the learning rate reached at `steps` (polynomial decay from the peak)
+        decay_power=1.0,  # 1.0: linear decay
+        weight_decay=0.001,  # decoupled (AdamW), matrices only
+        clip_norm=0.1,  # global gradient norm; 0: no clipping
+        adam_b1=0.9,
+        adam_b2=0.999,
+        adam_eps=1e-8,
         epsilon=0.1,  # label smoothing
-        form=objective.TRAINING_FORM,
-        loss_reduction="mean",
+        exclude_bos_score=False,  # RAG-Sequence: drop a BOS first target from the likelihood (transformers' flag)
+        form=objective.TRAINING_FORM,  # "paper" (training form) | "hf" (transformers' exact loss): rag_jax.rag.objective
+        loss_reduction="mean",  # mean | sum (over the batch)
         freeze_query_encoder=False,
         query_encoder_learning_rate=ml_collections.config_dict.placeholder(float),  # None: learning_rate
-        compute_dtype="float32",
+        compute_dtype="float32",  # float32 | bfloat16 (matmuls; master weights stay float32)
         remat=False,
         grad_accum_steps=1,
         retrieval_refresh_every=1,  # steps between refreshes of the question encoder used for retrieval
@@ -100,14 +128,46 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     if not hasattr(module, "get_config"):
         raise AttributeError(f"{path} defines no get_config(arg)")
     config = module.get_config(arg) if arg else module.get_config()
+    check_fields(config, where=path)
     for override in overrides:
         apply_override(config, override)
     return config
 
 
+class UnknownFieldError(KeyError):
+    """A config names a field the schema (``default_config``) does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def _unknown_field(field: str, known: list[str], where: str) -> UnknownFieldError:
+    close = difflib.get_close_matches(field, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return UnknownFieldError(f"{where}: no field {field!r} in the config{hint}")
+
+
+def _field_paths(config, prefix: str = "") -> list[str]:
+    paths = []
+    for name, value in config.items():
+        path = f"{prefix}{name}"
+        paths += _field_paths(value, path + ".") if isinstance(value, (dict, ml_collections.ConfigDict)) else [path]
+    return paths
+
+
+def check_fields(config: ml_collections.ConfigDict, *, where: str) -> None:
+    """Every field ``config`` sets must exist in ``default_config()``; the first that does not is an
+    ``UnknownFieldError`` naming it, ``where`` it was set and the closest valid field."""
+    known = _field_paths(default_config())
+    for field in _field_paths(config):
+        if field not in known:
+            raise _unknown_field(field, known, where)
+
+
 def with_changes(config: ml_collections.ConfigDict, **sections) -> ml_collections.ConfigDict:
     """A copy of ``config`` with ``sections`` applied: a dict updates that section
     (``train={"steps": 300}``), any other value sets a top-level field (``seed=1``)."""
+    check_fields(ml_collections.ConfigDict(sections), where="with_changes")
     config = copy.deepcopy(config)
     for name, value in sections.items():
         if isinstance(value, dict):
@@ -145,14 +205,15 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     key, sep, raw = override.removeprefix("--").partition("=")
     if not sep or not key.startswith("config."):
         raise ValueError(f"override {override!r}: expected --config.<field>=<value>")
-    *parents, leaf = key.removeprefix("config.").split(".")
+    field = key.removeprefix("config.")
+    *parents, leaf = field.split(".")
     node = config
     for i, name in enumerate(parents):
-        if name not in node:
-            raise KeyError(f"override {override!r}: no field {'.'.join(parents[: i + 1])!r} in the config")
+        if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+            raise _unknown_field(".".join(parents[: i + 1]), _field_paths(config), f"override {override!r}")
         node = node[name]
     if leaf not in node:
-        raise KeyError(f"override {override!r}: no field {key.removeprefix('config.')!r} in the config")
+        raise _unknown_field(field, _field_paths(config), f"override {override!r}")
     node[leaf] = _parse_like(raw, node[leaf], override)
 
 
@@ -174,3 +235,101 @@ def _parse_like(raw: str, current, where: str):
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         return raw
+
+
+def reference_recipe() -> ml_collections.ConfigDict:
+    """``default_config()`` with the transformers reference's batch-summed loss: with the defaults' lr
+    3e-5, label smoothing 0.1, weight decay 0.001, clip 0.1 and warmup 500, the recipe used with
+    ``Rag{Token,Sequence}ForGeneration`` (design.md)."""
+    return with_changes(default_config(), train={"loss_reduction": "sum"})
+
+
+# -- typed views ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then polynomial decay, global-norm clipping (None: none)."""
+
+    learning_rate: float
+    warmup_steps: int
+    total_steps: int
+    end_learning_rate: float
+    decay_power: float
+    weight_decay: float
+    clip_norm: float | None
+    b1: float
+    b2: float
+    eps: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What the train step computes (see the ``train`` fields of ``default_config``)."""
+
+    variant: Literal["token", "sequence", "closed_book"]
+    epsilon: float
+    exclude_bos_score: bool
+    form: objective.Form
+    loss_reduction: Literal["mean", "sum"]
+    freeze_query_encoder: bool
+    query_encoder_learning_rate: float | None  # None: the optimizer's learning rate
+    compute_dtype: Literal["float32", "bfloat16"]
+    remat: bool
+    grad_accum_steps: int
+    skip_nonfinite: bool
+    optimizer: OptimizerConfig
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape over the axes (data, fsdp, model); -1 on one axis means "all remaining devices"."""
+
+    data: int
+    fsdp: int
+    model: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The typed views of one run config."""
+
+    train: TrainConfig
+    mesh: MeshConfig
+    rag: RagConfig  # the model's RAG settings when it is built from a question encoder + a generator
+
+
+def _check_choice(config: ml_collections.ConfigDict, field: str, choices) -> None:
+    section, name = field.split(".")
+    value = config[section][name]
+    if value not in choices:
+        raise ValueError(f"config.{field} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def resolve(config: ml_collections.ConfigDict) -> RunSettings:
+    """The typed views of ``config`` (values checked; a BM25 retriever freezes the question encoder:
+    its scores do not depend on it)."""
+    for field, choices in (("rag.variant", VARIANTS), ("corpus.retriever", RETRIEVERS), ("train.form", objective.FORMS),
+                           ("train.loss_reduction", ("mean", "sum")), ("train.compute_dtype", COMPUTE_DTYPES),
+                           ("train.on_nonfinite", ("stop", "skip"))):  # fmt: skip
+        _check_choice(config, field, choices)
+    t = config.train
+    if t.grad_accum_steps < 1:
+        raise ValueError(f"config.train.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
+    optimizer = OptimizerConfig(
+        learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.steps,
+        end_learning_rate=t.end_learning_rate, decay_power=t.decay_power, weight_decay=t.weight_decay,
+        clip_norm=t.clip_norm or None, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
+    )  # fmt: skip
+    train = TrainConfig(
+        variant=config.rag.variant, epsilon=t.epsilon, exclude_bos_score=t.exclude_bos_score, form=t.form,
+        loss_reduction=t.loss_reduction,
+        freeze_query_encoder=t.freeze_query_encoder or config.corpus.retriever == "bm25",
+        query_encoder_learning_rate=t.query_encoder_learning_rate, compute_dtype=t.compute_dtype, remat=t.remat,
+        grad_accum_steps=t.grad_accum_steps, skip_nonfinite=t.on_nonfinite == "skip", optimizer=optimizer,
+        seed=config.seed,
+    )  # fmt: skip
+    rag = RagConfig(n_docs=config.rag.k, max_combined_length=config.rag.max_combined_length,
+                    prefix=config.rag.prefix or None)  # fmt: skip
+    return RunSettings(train=train, mesh=MeshConfig(**config.mesh.to_dict()), rag=rag)

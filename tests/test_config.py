@@ -1,10 +1,18 @@
-"""Run configs: get_config files, typed overrides, unknown fields refused; the metric writer."""
+"""Run configs: get_config files, typed overrides, unknown fields refused (in overrides, config files and
+edits), and the typed views resolve() builds."""
 
 
 import pytest
 
-from rag_jax.config import apply_override, default_config, load_config
-from rag_jax.training.metric_writer import MetricWriter, read_metrics
+from rag_jax.config import (
+    UnknownFieldError,
+    apply_override,
+    default_config,
+    load_config,
+    reference_recipe,
+    resolve,
+    with_changes,
+)
 
 CONFIG_FILE = '''
 from rag_jax.config import default_config
@@ -48,26 +56,45 @@ def test_missing_config_file_and_get_config(tmp_path):
         load_config(str(tmp_path / "empty.py"))
 
 
-def test_metric_writer_jsonl_and_tensorboard(tmp_path):
-    writer = MetricWriter(str(tmp_path))
-    writer.write(1, {"loss": 2.5}, prefix="train")
-    writer.write(2, {"em": 0.5}, prefix="dev")
-    writer.close()
-    records = read_metrics(str(tmp_path))
-    assert [r["step"] for r in records] == [1, 2]
-    assert records[0]["train/loss"] == 2.5 and records[1]["dev/em"] == 0.5
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
-    silent = MetricWriter(str(tmp_path / "other"), enabled=False)
-    silent.write(1, {"loss": 1.0}, prefix="train")
-    assert not (tmp_path / "other").exists()
+def test_a_misspelt_field_in_a_config_file_is_an_error_naming_the_closest(tmp_path):
+    path = tmp_path / "typo.py"
+    path.write_text("from rag_jax.config import default_config\n\ndef get_config():\n    c = default_config()\n"
+                    "    c.train.stepz = 7\n    return c\n")  # fmt: skip
+    with pytest.raises(UnknownFieldError, match=rf"{path}: no field 'train.stepz' in the config; did you mean 'train.steps'"):
+        load_config(str(path))
 
 
-def test_metric_writer_on_resume_drops_records_after_the_checkpoint(tmp_path):
-    writer = MetricWriter(str(tmp_path))
-    for step in (1, 2, 3, 4):
-        writer.write(step, {"loss": float(step)}, prefix="train")
-    writer.close()
-    resumed = MetricWriter(str(tmp_path), start_step=2)  # the run resumed from the step-2 checkpoint
-    resumed.write(3, {"loss": 30.0}, prefix="train")
-    resumed.close()
-    assert [(r["step"], r["train/loss"]) for r in read_metrics(str(tmp_path))] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+def test_a_misspelt_override_names_the_closest_field():
+    with pytest.raises(UnknownFieldError, match="no field 'train.learning_rte'.*did you mean 'train.learning_rate'"):
+        apply_override(default_config(), "--config.train.learning_rte=1e-3")
+
+
+def test_with_changes_refuses_unknown_fields():
+    assert with_changes(default_config(), train={"steps": 3}, seed=2).train.steps == 3
+    with pytest.raises(UnknownFieldError, match="no field 'train.step'"):
+        with_changes(default_config(), train={"step": 3})
+
+
+def test_resolve_builds_the_views_from_the_one_schema():
+    config = default_config()
+    settings = resolve(config)
+    train, opt = settings.train, settings.train.optimizer
+    assert (train.variant, train.epsilon, train.loss_reduction, train.form) == ("token", 0.1, "mean", "paper")
+    assert (opt.learning_rate, opt.warmup_steps, opt.total_steps, opt.weight_decay, opt.clip_norm) == (
+        3e-5, 500, config.train.steps, 0.001, 0.1)  # fmt: skip
+    assert (settings.mesh.data, settings.mesh.fsdp, settings.mesh.model) == (-1, 1, 1)
+    assert (settings.rag.n_docs, settings.rag.max_combined_length, settings.rag.prefix) == (5, 300, None)
+    assert resolve(reference_recipe()).train.loss_reduction == "sum"
+    bm25 = resolve(with_changes(config, corpus={"retriever": "bm25"}))
+    assert bm25.train.freeze_query_encoder
+    assert resolve(with_changes(config, train={"clip_norm": 0.0})).train.optimizer.clip_norm is None
+
+
+@pytest.mark.parametrize("section, field, value", [("rag", "variant", "tokens"), ("train", "on_nonfinite", "ignore"),
+                                                   ("train", "compute_dtype", "float16"), ("train", "form", "torch")])
+def test_resolve_refuses_values_outside_their_choices(section, field, value):
+    with pytest.raises(ValueError, match=rf"config.{section}.{field} must be one of .*; got '{value}'"):
+        resolve(with_changes(default_config(), **{section: {field: value}}))
+    with pytest.raises(ValueError, match="grad_accum_steps must be >= 1"):
+        resolve(with_changes(default_config(), train={"grad_accum_steps": 0}))
+

@@ -10,7 +10,7 @@ weight decay 0.001 on matrices only), warmup 500 then linear decay.
   encoder's CLS vector and the retrieved documents' embeddings by ``torch.bmm`` (so the question
   encoder is trained, as in transformers' RAG fine-tuning), ``labels``, ``reduce_loss=True``; then
   ``backward``, ``clip_grad_norm_``, ``AdamW.step``, scheduler step, ``zero_grad``.
-* rag_jax: ``Trainer(model, TrainConfig.reference_recipe(form="hf")).train_step`` (jitted, donated).
+* rag_jax: ``Trainer(model, resolve(reference_recipe() with train.form="hf").train).train_step`` (jitted, donated).
 
 Both sides run in one process, in rounds of blocks (a reference block, then a rag_jax block), each
 block starting with ``--warmup`` untimed steps; the table gives median step times, steps/s and
@@ -47,9 +47,9 @@ import torch
 import transformers
 
 from rag_jax.commands import host_memory
+from rag_jax.config import reference_recipe, resolve, with_changes
 from rag_jax.hf.rag import load_rag
-from rag_jax.training.optim import OptimizerConfig
-from rag_jax.training.step import TrainConfig, Trainer
+from rag_jax.training.step import Trainer
 
 # Both sides get the same threads: torch.set_num_threads(--threads); XLA:CPU uses every core (its
 # intra-op pool has no finer knob than on/off), so --threads defaults to nproc.
@@ -58,7 +58,7 @@ jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls,
 
 PAD, BOS, EOS = 1, 0, 2
 LABEL_SMOOTHING = 0.1
-RECIPE = OptimizerConfig()  # lr 3e-5, weight decay 0.001, clip 0.1, warmup 500, linear decay
+RECIPE = resolve(reference_recipe()).train.optimizer  # lr 3e-5, weight decay 0.001, clip 0.1, warmup 500, linear decay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,7 +307,7 @@ def bench_size(name: str, variant: str, args) -> Result:
     n_params = sum(p.numel() for p in model.parameters())
     batch = make_batch(size)
     tb = torch_batch(batch)
-    trainer = Trainer(rag, TrainConfig.reference_recipe(variant=variant, form="hf"))
+    trainer = Trainer(rag, resolve(with_changes(reference_recipe(), rag={"variant": variant}, train={"form": "hf"})).train)
     state = trainer.init_state()
 
     # Same weights, same objective: the dropout-free losses agree.
@@ -465,7 +465,7 @@ def report(results: list[Result], peaks: tuple[float, float], args, total_s: flo
             f"RAG-{args.variant.capitalize()}, float32 everywhere (jax_default_matmul_precision=highest), "
             "dropout 0.1 (attention dropout 0.1), label smoothing 0.1, batch-summed loss, clip 0.1, AdamW lr 3e-5 "
             "wd 0.001, warmup 500 + linear decay; rag_jax: "
-            "`Trainer(model, TrainConfig.reference_recipe(form=\"hf\")).train_step`, one device. "
+            "`Trainer(model, resolve(reference_recipe() with train.form=\"hf\").train).train_step`, one device. "
             f"Threads: torch.set_num_threads({args.threads}); XLA:CPU uses all {os.cpu_count()} cores. "
             f"Timing: {args.rounds} rounds of blocks (reference block, rag_jax block), each block {args.warmup} "
             f"untimed warmup step(s) then its timed steps, {args.pause * 1e3:.0f} ms pause before every call; medians. "

@@ -23,4 +23,4 @@ def get_config(arg: str = "token"):
         raise FileNotFoundError(f"{paths_file} is missing: run `rag-jax quickstart --small --out {out}` first")
     with open(paths_file) as f:
         paths = TaskPaths(**json.load(f))
-    return quickstart.settings_config(paths, variant, f"runs/quickstart-{variant}", quickstart.Settings.small())
+    return quickstart.variant_config(paths, variant, f"runs/quickstart-{variant}", quickstart.quickstart_config(small=True))

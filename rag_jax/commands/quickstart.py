@@ -5,15 +5,19 @@ export under ``--out``."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 
 def _quickstart(args: argparse.Namespace) -> int:
+    from rag_jax.config import apply_override
     from rag_jax.quickstart import pipeline as quickstart
 
-    settings = quickstart.Settings.small() if args.small else quickstart.Settings()
-    changes = {name: getattr(args, name) for name in ("steps", "entities", "seed") if getattr(args, name) is not None}
-    quickstart.run(args.out, dataclasses.replace(settings, **changes), progress=not args.no_progress)
+    qc = quickstart.quickstart_config(small=args.small)
+    for field, value in (("run.train.steps", args.steps), ("task.entities", args.entities), ("run.seed", args.seed)):
+        if value is not None:
+            apply_override(qc, f"config.{field}={value}")
+    for override in args.overrides:
+        apply_override(qc, override)
+    quickstart.run(args.out, qc, progress=not args.no_progress)
     return 0
 
 
@@ -27,4 +31,4 @@ def register(sub) -> None:
     p.add_argument("--entities", type=int, default=None, help="people in the knowledge base")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(handler=_quickstart)
+    p.set_defaults(handler=_quickstart, overrides_allowed=True)  # --config.task.<field>= / --config.run.<field>=

@@ -15,6 +15,7 @@ size reading the generator's word-level tokenizer (clearly labelled in ``TaskPat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -146,10 +147,12 @@ def prepare_task(root: str, *, entities: int, generator: BartConfig, seed: int =
                      generator_dir, embeddings, index_dir)  # fmt: skip
 
 
-def run_config(paths: TaskPaths, variant: str, run_dir: str, **sections) -> ml_collections.ConfigDict:
-    """A ``rag-jax train`` config for ``variant`` on the task; ``sections`` update config sections
-    (``train={"steps": 300}``) or set top-level fields (``seed=1``)."""
-    cfg = default_config()
+def run_config(paths: TaskPaths, variant: str, run_dir: str, *, base: ml_collections.ConfigDict | None = None,
+               **sections) -> ml_collections.ConfigDict:  # fmt: skip
+    """A ``rag-jax train`` config for ``variant`` on the task: ``base`` (default: ``default_config()``) on
+    the task's files; ``sections`` update config sections (``train={"steps": 300}``) or set top-level
+    fields (``seed=1``)."""
+    cfg = copy.deepcopy(base) if base is not None else default_config()
     cfg.run_dir = run_dir
     cfg.data.update(train=paths.train, dev=paths.dev, test=paths.test)
     cfg.corpus.update(passages=paths.passages, embeddings=paths.embeddings, index=paths.index)

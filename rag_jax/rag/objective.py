@@ -74,6 +74,7 @@ import jax
 import jax.numpy as jnp
 
 Form = Literal["hf", "paper"]
+FORMS: tuple[Form, ...] = ("hf", "paper")
 
 TRAINING_FORM: Form = "paper"
 """Alignment used for training: prior counted once, one-token targets kept (see module docstring)."""

@@ -9,15 +9,13 @@ import os
 import ml_collections
 import numpy as np
 
+from rag_jax.config import resolve
 from rag_jax.data import qa as data
 from rag_jax.hf.encoder import load_encoder
 from rag_jax.hf.generator import load_generator
 from rag_jax.hf.rag import load_rag
-from rag_jax.models.configs import RagConfig
 from rag_jax.rag.model import RagModel
 from rag_jax.retrieval import BM25Index, PassageStore, Retriever, load_embeddings, load_index
-from rag_jax.training.optim import OptimizerConfig
-from rag_jax.training.step import TrainConfig
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> RagModel:
@@ -29,8 +27,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> RagModel:
         return dataclasses.replace(model, variant=variant)
     if not (m.question_encoder and m.generator):
         raise ValueError("config.model: set `rag` (a RAG folder) or both `question_encoder` and `generator`")
-    rag_cfg = RagConfig(n_docs=cfg.rag.k, max_combined_length=cfg.rag.max_combined_length, prefix=cfg.rag.prefix or None)
-    return RagModel(load_encoder(m.question_encoder), load_generator(m.generator), rag_cfg, variant)
+    return RagModel(load_encoder(m.question_encoder), load_generator(m.generator), resolve(cfg).rag, variant)
 
 
 def tokenizers(cfg: ml_collections.ConfigDict):
@@ -49,8 +46,6 @@ def tokenizers(cfg: ml_collections.ConfigDict):
 def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenizer, *, k: int):
 
     c = cfg.corpus
-    if c.retriever not in ("dense", "bm25"):
-        raise ValueError(f"config.corpus.retriever must be 'dense' or 'bm25', got {c.retriever!r}")
     fields = ("passages",) if c.retriever == "bm25" else ("passages", "embeddings", "index")
     for field in fields:
         if not c[field]:
@@ -74,30 +69,6 @@ def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenize
         max_question_length=cfg.data.max_question_length,
         max_combined_length=cfg.rag.max_combined_length,
         prefix=cfg.rag.prefix or None,
-    )
-
-
-def train_config(cfg: ml_collections.ConfigDict) -> TrainConfig:
-    t = cfg.train
-    return TrainConfig(
-        variant=cfg.rag.variant,
-        epsilon=t.epsilon,
-        form=t.form,
-        loss_reduction=t.loss_reduction,
-        freeze_query_encoder=t.freeze_query_encoder or cfg.corpus.retriever == "bm25",
-        query_encoder_learning_rate=t.query_encoder_learning_rate,
-        compute_dtype=t.compute_dtype,
-        remat=t.remat,
-        grad_accum_steps=t.grad_accum_steps,
-        skip_nonfinite=t.on_nonfinite == "skip",
-        optimizer=OptimizerConfig(
-            learning_rate=t.learning_rate,
-            warmup_steps=t.warmup_steps,
-            total_steps=t.steps,
-            weight_decay=t.weight_decay,
-            clip_norm=t.clip_norm or None,
-        ),
-        seed=cfg.seed,
     )
 
 

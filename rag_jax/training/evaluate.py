@@ -9,12 +9,13 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from rag_jax.config import resolve
 from rag_jax.data import qa as data
 from rag_jax.rag.decoding import generate_seq2seq
 from rag_jax.rag.model import RagModel
 from rag_jax.training import checkpointing, metrics, sharding
 from rag_jax.training.batches import closed_book_batch
-from rag_jax.training.components import build_model, train_config
+from rag_jax.training.components import build_model
 from rag_jax.training.step import Trainer
 
 
@@ -77,8 +78,8 @@ def checkpoint_target(trainer: Trainer) -> dict:
 
 def load_trained_model(cfg: ml_collections.ConfigDict, step: int | None = None) -> tuple[RagModel, int]:
     """The model of a run's checkpoint ``step`` (default: the latest readable), read-only."""
-    mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh.to_dict()))
-    trainer = Trainer(build_model(cfg), train_config(cfg), mesh)
+    settings = resolve(cfg)
+    trainer = Trainer(build_model(cfg), settings.train, sharding.make_mesh(settings.mesh))
     directory = os.path.join(cfg.run_dir, "checkpoints")
     with checkpointing.Checkpointer(directory, save_every=1, keep=1, read_only=True) as ckpt:
         restored = ckpt.restore(checkpoint_target(trainer), step=step)

@@ -30,10 +30,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from rag_jax.config import resolve
 from rag_jax.data import qa as data
 from rag_jax.training import checkpointing, sharding
 from rag_jax.training.batches import closed_book_batch, rag_batch
-from rag_jax.training.components import build_model, build_retriever, read_split, tokenizers, train_config
+from rag_jax.training.components import build_model, build_retriever, read_split, tokenizers
 from rag_jax.training.evaluate import checkpoint_target, evaluate
 from rag_jax.training.metric_writer import MetricWriter
 from rag_jax.training.step import Trainer
@@ -102,11 +103,12 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     The checkpoint holds ``{"train": TrainState, "retrieval_encoder": the question-encoder snapshot
     retrieval uses}`` and the data-iterator position, so a resumed run repeats the same steps."""
     sharding.maybe_initialize_distributed()
+    settings = resolve(cfg)
     t = cfg.train
     process_count, process_index = jax.process_count(), jax.process_index()
     if t.batch_size % process_count:
         raise ValueError(f"train.batch_size {t.batch_size} is not divisible by the {process_count} processes")
-    mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh.to_dict()))
+    mesh = sharding.make_mesh(settings.mesh)
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % (batch_ways * t.grad_accum_steps):
         raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of the mesh's data x fsdp size "
@@ -125,7 +127,7 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     eval_retriever = None if closed_book else dataclasses.replace(
         retriever, question_tokenizer=eval_question_tokenizer, generator_tokenizer=eval_generator_tokenizer)
 
-    trainer = Trainer(model, train_config(cfg), mesh)
+    trainer = Trainer(model, settings.train, mesh)
     ckpt = checkpointing.Checkpointer(
         os.path.join(cfg.run_dir, "checkpoints"), save_every=t.save_every, keep=t.keep_checkpoints,
         best_metric=(t.best_metric or None) if dev_examples else None,

@@ -13,28 +13,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rag_jax.config import OptimizerConfig
 from rag_jax.training.sharding import path_str
 
 # Parameter-name fragments that never get weight decay (biases and normalisation parameters), the
 # usual `no_decay = ["bias", "LayerNorm.weight"]` of transformers' fine-tuning scripts.
 NO_DECAY_FRAGMENTS = ("bias", "norm", "scale")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with warmup + polynomial decay. The defaults are the RAG fine-tuning recipe used with
-    the transformers reference (lr 3e-5, weight decay 0.001, clip 0.1, warmup 500)."""
-
-    learning_rate: float = 3e-5
-    warmup_steps: int = 500
-    total_steps: int = 100_000
-    end_learning_rate: float = 0.0
-    decay_power: float = 1.0  # 1.0 = linear decay
-    weight_decay: float = 0.001
-    clip_norm: float | None = 0.1
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:

@@ -10,7 +10,6 @@ test models have dimensions like 37), so any model runs on any mesh.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from typing import Any, Sequence
@@ -19,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from rag_jax.config import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "model")
 
@@ -52,15 +53,6 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh shape; -1 on one axis means "all remaining devices"."""
-
-    data: int = -1
-    fsdp: int = 1
-    model: int = 1
-
-
 def path_str(path) -> str:
     return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
 
@@ -91,9 +83,11 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, model) mesh of ``cfg`` over ``devices`` (default: all); ``cfg`` None puts every
+    device on the data axis."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = [cfg.data, cfg.fsdp, cfg.model]
+    shape = [-1, 1, 1] if cfg is None else [cfg.data, cfg.fsdp, cfg.model]
     if shape.count(-1) > 1:
         raise ValueError(f"MeshConfig: at most one axis may be -1, got {cfg}")
     known = int(np.prod([s for s in shape if s != -1]))

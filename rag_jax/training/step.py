@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,44 +30,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rag_jax.config import TrainConfig
 from rag_jax.models.bart import Bart
 from rag_jax.rag import objective
 from rag_jax.rag.model import RagModel, doc_scores_from_embeddings, marginal_nll, per_doc_logits, question_vectors
 from rag_jax.training import sharding
-from rag_jax.training.optim import OptimizerConfig, global_norm, make_optimizer
+from rag_jax.training.optim import global_norm, make_optimizer
 
-RunVariant = Literal["token", "sequence", "closed_book"]  # RAG variants (rag.model.Variant) or the closed-book baseline
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """What the step computes. ``form`` and ``loss_reduction`` default to the training choices
-    (see ``rag_jax.rag.objective``: prior counted once, one-token answers scored; a per-example mean so
-    the learning rate does not depend on the batch size); ``reference_recipe()`` gives the settings
-    of the transformers fine-tuning recipe instead."""
-
-    variant: RunVariant = "token"
-    epsilon: float = 0.0
-    exclude_bos_score: bool = False
-    form: objective.Form = objective.TRAINING_FORM
-    loss_reduction: Literal["mean", "sum"] = "mean"
-    freeze_query_encoder: bool = False
-    query_encoder_learning_rate: float | None = None  # None: the optimizer's learning rate
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False
-    grad_accum_steps: int = 1
-    skip_nonfinite: bool = False
-    optimizer: OptimizerConfig = OptimizerConfig()
-    seed: int = 0
-
-    @classmethod
-    def reference_recipe(cls, **overrides) -> "TrainConfig":
-        """lr 3e-5, label smoothing 0.1, weight decay 0.001, clip 0.1, warmup 500, polynomial decay,
-        batch-summed loss: the recipe used with the transformers reference."""
-        kw = dict(epsilon=0.1, loss_reduction="sum", optimizer=OptimizerConfig())
-        kw.update(overrides)
-        return cls(**kw)
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.train.compute_dtype -> dtype
 
 
 @jax.tree_util.register_dataclass
@@ -100,8 +70,6 @@ class Trainer:
     """Builds the train state from a ``RagModel`` and runs the jitted step on a mesh."""
 
     def __init__(self, model: RagModel, cfg: TrainConfig, mesh: Mesh | None = None):
-        if cfg.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {cfg.grad_accum_steps}")
         self.cfg = cfg
         self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
         self.encoder = model.question_encoder

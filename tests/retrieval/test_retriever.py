@@ -326,7 +326,7 @@ def test_run_config_bm25_builds_a_lexical_retriever_and_freezes_the_question_enc
 ):
     import types
 
-    from rag_jax.config import default_config
+    from rag_jax.config import default_config, resolve
     from rag_jax.training import components
 
     cfg = default_config()
@@ -334,7 +334,7 @@ def test_run_config_bm25_builds_a_lexical_retriever_and_freezes_the_question_enc
     model = types.SimpleNamespace(question_encoder=question_encoder)
     retriever = components.build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=K)
     assert retriever.lexical and retriever.embeddings is None and len(retriever.store) == len(corpus[0])
-    assert components.train_config(cfg).freeze_query_encoder
+    assert resolve(cfg).train.freeze_query_encoder
     cfg.corpus.retriever = "sparse"
-    with pytest.raises(ValueError, match="'dense' or 'bm25'"):
-        components.build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=K)
+    with pytest.raises(ValueError, match="config.corpus.retriever must be one of 'dense', 'bm25'; got 'sparse'"):
+        resolve(cfg)

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_train import V, _batch, _cfg
 
-from rag_jax.config import read_run_config
+from rag_jax.config import MeshConfig, read_run_config
 from rag_jax.models.configs import BartConfig, BertConfig
 from rag_jax.rag.model import init_rag_model
 from rag_jax.training import checkpointing, sharding
@@ -95,7 +95,7 @@ def test_resume_is_bitwise_exact(run, model):
 def test_restore_across_meshes(run, model, tmp_path):
     """Saved on 1 device -> restored on 8 (data=2 x fsdp=4) and the reverse, bitwise, each leaf in
     the target layout."""
-    mesh8 = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+    mesh8 = sharding.make_mesh(MeshConfig(data=2, fsdp=4, model=1))
     abstract8 = _closed_book_trainer(model, mesh8).abstract_state()
     abstract1 = _closed_book_trainer(model).abstract_state()
     fc1 = abstract8.params["generator"]["encoder"]["layers"][0]["fc1"]["kernel"]
@@ -265,7 +265,7 @@ def test_sigterm_sets_the_preempted_flag():
 
 
 def test_abstract_train_state_matches_init_state(model):
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, model=1))
     trainer = _closed_book_trainer(model, mesh)
     abstract, state = trainer.abstract_state(), trainer.init_state()
     assert jax.tree.structure(abstract) == jax.tree.structure(state)

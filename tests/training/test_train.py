@@ -10,11 +10,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from rag_jax.config import MeshConfig, TrainConfig, default_config, reference_recipe, resolve, with_changes
 from rag_jax.models.configs import BartConfig, BertConfig
 from rag_jax.rag.model import init_rag_model, question_vectors
 from rag_jax.training import sharding
-from rag_jax.training.optim import OptimizerConfig, clip_by_global_norm, global_norm
-from rag_jax.training.step import TrainConfig, Trainer
+from rag_jax.training.optim import clip_by_global_norm, global_norm
+from rag_jax.training.step import Trainer
 
 V, D, K, B, SQ, S, T = 64, 32, 3, 8, 6, 10, 5
 PAD = 1
@@ -58,9 +59,12 @@ def _batch(seed: int = 0, closed_book: bool = False):
     }
 
 
-def _cfg(**kw):
-    opt = OptimizerConfig(learning_rate=3e-3, warmup_steps=5, total_steps=400, clip_norm=1.0)
-    return TrainConfig(**{"optimizer": opt, **kw})
+def _cfg(variant="token", **train):
+    """The run config's train settings for these tests: lr 3e-3, warmup 5, 400 steps, clip 1, no smoothing."""
+    config = with_changes(default_config(), rag={"variant": variant},
+                          train={"learning_rate": 3e-3, "warmup_steps": 5, "steps": 400, "clip_norm": 1.0,
+                                 "epsilon": 0.0, **train})  # fmt: skip
+    return resolve(config).train
 
 
 def _leaves(tree):
@@ -183,7 +187,7 @@ def test_sharded_step_equals_single_device_step():
     for _ in range(2):  # the warmup's first learning rate is 0
         state1, metrics1 = single.train_step(state1, dict(batch))
 
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, model=1))
     sharded = Trainer(_model(dropout=0.1), _cfg(), mesh=mesh)
     state8 = sharded.init_state()
     fc1 = state8.params["generator"]["encoder"]["layers"][0]["fc1"]["kernel"]
@@ -222,7 +226,7 @@ def test_training_drives_the_loss_down(variant):
 
 
 def test_reference_recipe():
-    cfg = TrainConfig.reference_recipe()
+    cfg = resolve(reference_recipe()).train
     assert (cfg.epsilon, cfg.loss_reduction) == (0.1, "sum")
     opt = cfg.optimizer
     assert (opt.learning_rate, opt.weight_decay, opt.clip_norm, opt.warmup_steps) == (3e-5, 0.001, 0.1, 500)
@@ -233,7 +237,7 @@ def test_nonfinite_step_is_skipped_or_reported():
     bad = _batch()
     bad["doc_embeddings"][0, 0, 0] = np.inf  # doc scores of example 0 become non-finite
     for skip in (True, False):
-        trainer = _trainer(_cfg(skip_nonfinite=skip))
+        trainer = _trainer(_cfg(on_nonfinite="skip" if skip else "stop"))
         state = trainer.init_state()
         state, _ = trainer.train_step(state, _batch())  # warmup: lr 0 at step 0
         before = _leaves(state.params)
