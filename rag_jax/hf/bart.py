@@ -1,9 +1,10 @@
 """transformers ``BartForConditionalGeneration`` weights <-> ``rag_jax.models.bart.Bart``, both directions.
 
 One key table, built from the model's own variable paths, serves both directions, so they cannot
-drift apart: the module path ``encoder/layers/0/self_attn/q_proj/kernel`` is the transformers key
-``model.encoder.layers.0.self_attn.q_proj.weight`` (transposed: torch stores Linear weights as
-``[out, in]``). ``final_logits_bias`` is ``[1, V]`` in transformers and ``[V]`` here.
+drift apart: layer i of the stacked variable ``encoder/layers/self_attn/q_proj/kernel`` ``[L, D, D]`` is
+the transformers key ``model.encoder.layers.{i}.self_attn.q_proj.weight`` (transposed: torch stores
+Linear weights as ``[out, in]``); the per-layer tensors are stacked on load and unstacked on save.
+``final_logits_bias`` is ``[1, V]`` in transformers and ``[V]`` here.
 
 transformers writes the tied token embedding once, as ``model.shared.weight``; other checkpoints may
 carry it (also) as ``model.encoder.embed_tokens.weight``, ``model.decoder.embed_tokens.weight`` or
@@ -58,29 +59,44 @@ _LEAVES = {
 }
 
 
+STACKED = "layers"
+"""A variable under a module of this name has a leading layer axis; transformers keys number the layers there."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     path: tuple
     transform: _Transform
+    layer: int | None  # the index on the variable's leading layer axis; None: not stacked
+
+    def layer_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of this entry's part of a variable of ours with ``shape`` (one layer when stacked)."""
+        return shape if self.layer is None else shape[1:]
 
     def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The transformers shape of a variable of ours with ``shape`` (computed without data)."""
-        return jax.eval_shape(self.transform.to_hf, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+        """The transformers shape of this entry's part of a variable with ``shape`` (computed without data)."""
+        return jax.eval_shape(self.transform.to_hf, jax.ShapeDtypeStruct(self.layer_shape(shape), jnp.float32)).shape
 
 
-def _hf_key(path: tuple) -> tuple[str, _Transform]:
+def _hf_key(path: tuple, layer: int | None) -> tuple[str, _Transform]:
     if path == (FINAL_LOGITS_BIAS,):
         return FINAL_LOGITS_BIAS, _ROW
     leaf, transform = _LEAVES[path[-1]]
-    return ".".join(["model", *map(str, path[:-1]), leaf]), transform
+    names = list(map(str, path[:-1]))
+    if layer is not None:
+        names.insert(names.index(STACKED) + 1, str(layer))
+    return ".".join(["model", *names, leaf]), transform
 
 
 def key_table(state: nnx.State) -> dict[str, _Entry]:
-    """transformers key (without prefix) -> our variable path and layout transform, for every variable."""
+    """transformers key (without prefix) -> our variable path, layer and layout transform, for every
+    variable (one key per layer of a stacked variable)."""
     table = {}
-    for path, _ in nnx.to_flat_state(state):
-        key, transform = _hf_key(path)
-        table[key] = _Entry(path, transform)
+    for path, variable in nnx.to_flat_state(state):
+        layers = range(variable.shape[0]) if STACKED in path else [None]
+        for layer in layers:
+            key, transform = _hf_key(path, layer)
+            table[key] = _Entry(path, transform, layer)
     return table
 
 
@@ -109,23 +125,28 @@ def bart_from_hf(
     check_keys(table, weights, where)
 
     flat = dict(nnx.to_flat_state(abstract_state))
-    filled = []
+    values: dict[tuple, dict[int | None, np.ndarray]] = {}  # path -> layer -> array
     for key, entry in table.items():
-        variable = flat[entry.path]
+        shape = flat[entry.path].shape
         value = entry.transform.to_ours(np.asarray(weights[key]))
-        if value.shape != variable.shape:
+        if value.shape != entry.layer_shape(shape):
             raise CheckpointKeyError(
-                f"{where}: {key!r} has shape {weights[key].shape}, expected {entry.hf_shape(variable.shape)}"
+                f"{where}: {key!r} has shape {weights[key].shape}, expected {entry.hf_shape(shape)}"
             )
-        filled.append((entry.path, variable.replace(jnp.asarray(value, variable.dtype))))
+        values.setdefault(entry.path, {})[entry.layer] = value
+    filled = []
+    for path, by_layer in values.items():
+        value = by_layer[None] if None in by_layer else np.stack([by_layer[i] for i in range(len(by_layer))])
+        filled.append((path, flat[path].replace(jnp.asarray(value, flat[path].dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
 def bart_state_to_hf(model: Bart, prefix: str = "") -> dict[str, np.ndarray]:
     """The transformers state dict of ``model``: exactly the keys ``save_pretrained`` writes."""
     state = nnx.state(model)
-    flat = dict(nnx.to_flat_state(state))
-    return {
-        prefix + key: np.ascontiguousarray(entry.transform.to_hf(np.asarray(flat[entry.path].get_value())))
-        for key, entry in key_table(state).items()
-    }
+    arrays = {path: np.asarray(variable.get_value()) for path, variable in nnx.to_flat_state(state)}
+    state_dict = {}
+    for key, entry in key_table(state).items():
+        value = arrays[entry.path] if entry.layer is None else arrays[entry.path][entry.layer]
+        state_dict[prefix + key] = np.ascontiguousarray(entry.transform.to_hf(value))
+    return state_dict

@@ -1,14 +1,18 @@
 """BART for conditional generation in flax.nnx, equal to transformers' ``BartForConditionalGeneration``.
 
-The module tree mirrors the transformers one (``shared``, ``encoder.layers[i].self_attn.q_proj``, ...)
-so that the checkpoint conversion in ``rag_jax.hf.bart`` is a renaming rule. ``cfg.normalize_before``
-selects the mBART layout: pre-LN layers and a final ``layer_norm`` after each stack.
+The module tree mirrors the transformers one (``shared``, ``encoder.layers.self_attn.q_proj``, ...), except
+that each stack's layers are one module whose variables carry a leading layer axis (created with
+``nnx.vmap``; ``encoder.layers.fc1.kernel`` is ``[L, D, F]``), run with ``jax.lax.scan``, so compile time
+does not grow with depth and ``remat=True`` checkpoints one layer at a time. The checkpoint conversion
+in ``rag_jax.hf.bart`` is a renaming rule plus that stacking. ``cfg.normalize_before`` selects the
+mBART layout: pre-LN layers and a final ``layer_norm`` after each stack.
 
 Mixed precision: parameters are kept in ``param_dtype``; with ``dtype=jnp.bfloat16`` the matmuls run in
 bfloat16 while the residual stream, the layer norms, the attention softmax and the logits stay float32.
 
 Incremental decoding uses an explicit, functional ``DecodeCache`` (see ``Bart.init_cache``): ``decode``
-takes a cache and returns the updated one, so it works under ``jax.jit`` and ``jax.lax.while_loop``.
+takes a cache and returns the updated one, so it works under ``jax.jit`` and ``jax.lax.while_loop``. Its
+keys and values are stacked over the decoder layers too (layer axis first), scanned with the layers.
 """
 
 from __future__ import annotations
@@ -39,39 +43,31 @@ class Buffer(nnx.Variable):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LayerCache:
-    """One decoder layer's attention keys and values, heads split: ``[B, H, L, Dh]``.
-
-    ``self_*`` hold ``max_length`` slots of which the first ``index`` are written; ``cross_*`` are the
-    encoder output projected once by the layer's cross-attention. ``cross_*`` may have ``C = B / G``
-    rows, one per run of G consecutive decoder rows (beams of one input share its encoder states).
-    """
-
-    self_k_BxHxMxK: jax.Array
-    self_v_BxHxMxK: jax.Array
-    cross_k_CxHxSxK: jax.Array
-    cross_v_CxHxSxK: jax.Array
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
 class DecodeCache:
-    """The decoder state between incremental ``Bart.decode`` calls.
+    """The decoder state between incremental ``Bart.decode`` calls: every decoder layer's attention keys
+    and values, heads split, stacked on a leading layer axis L (the scanned decoder reads and writes one
+    layer per step), so the rows are axis 1 of the keys/values.
 
-    Every leaf has the decoder rows (B) or, for the cross-attention state, the encoder rows (C, with B
-    a multiple of C) as its leading axis. Where C = B, beams are reordered (or rows repeated) with
-    ``jax.tree.map(lambda x: x[beam_idx], cache)``; where C < B, only the self-attention state moves
-    (within each run of B / C rows). ``index_B`` is the number of tokens already decoded, one int32 per
-    row; all rows advance together, and ``index + T`` must stay ``<= max_length``.
+    ``self_*`` hold ``max_length`` slots of which the first ``index`` are written, for the B decoder rows.
+    ``cross_*`` are the encoder output projected once by each layer's cross-attention, for C encoder rows,
+    with B a multiple of C: each run of G = B / C consecutive decoder rows (e.g. the beams of one input)
+    reads one encoder row, shared, not copied. ``encoder_mask_CxS`` is the encoder attention mask used
+    by the cross-attention. ``index_B`` is the number of tokens already decoded, one int32 per row; all
+    rows advance together, and ``index + T`` must stay ``<= max_length``. Beams are reordered (or rows
+    repeated) with ``take_decoder_rows``; where C = B, the cross-attention state and the encoder mask
+    can be gathered too (on the same axes).
     """
 
-    layers: tuple[LayerCache, ...]
-    encoder_mask_CxS: jax.Array  # the encoder attention mask used by the cross-attention
+    self_k_LxBxHxMxK: jax.Array
+    self_v_LxBxHxMxK: jax.Array
+    cross_k_LxCxHxSxK: jax.Array
+    cross_v_LxCxHxSxK: jax.Array
+    encoder_mask_CxS: jax.Array
     index_B: jax.Array
 
     @property
     def max_length(self) -> int:
-        return self.layers[0].self_k_BxHxMxK.shape[2]
+        return self.self_k_LxBxHxMxK.shape[3]
 
 
 def with_decoder_rows(cache: DecodeCache, rows_per_input: int, max_length: int) -> DecodeCache:
@@ -80,13 +76,23 @@ def with_decoder_rows(cache: DecodeCache, rows_per_input: int, max_length: int) 
     cross-attend to encoder row c, whose keys/values are shared, not copied (the attention reads them
     once for the whole run of rows)."""
     rows = cache.encoder_mask_CxS.shape[0] * rows_per_input
+    layers, _, h, _, d = cache.cross_k_LxCxHxSxK.shape
+    zeros_LxRxHxMxK = jnp.zeros((layers, rows, h, max_length, d), cache.self_k_LxBxHxMxK.dtype)
+    return dataclasses.replace(
+        cache, self_k_LxBxHxMxK=zeros_LxRxHxMxK, self_v_LxBxHxMxK=zeros_LxRxHxMxK, index_B=jnp.zeros((rows,), jnp.int32)
+    )
 
-    def layer(c: LayerCache) -> LayerCache:
-        _, h, _, d = c.cross_k_CxHxSxK.shape
-        zeros_RxHxMxK = jnp.zeros((rows, h, max_length, d), c.self_k_BxHxMxK.dtype)
-        return dataclasses.replace(c, self_k_BxHxMxK=zeros_RxHxMxK, self_v_BxHxMxK=zeros_RxHxMxK)
 
-    return DecodeCache(tuple(layer(c) for c in cache.layers), cache.encoder_mask_CxS, jnp.zeros((rows,), jnp.int32))
+def take_decoder_rows(cache: DecodeCache, rows_R: jax.Array) -> DecodeCache:
+    """Decoder row r continues the self-attention state of row ``rows_R[r]`` (beams reordered, rows
+    repeated): a gather on axis 1 of the stacked keys/values, after the layer axis. The cross-attention
+    state does not move, so a row must stay in its run of rows sharing an encoder row (where C < B)."""
+
+    def take(x_LxBxHxMxK):
+        return x_LxBxHxMxK[:, rows_R]
+
+    self_k, self_v = jax.tree.map(take, (cache.self_k_LxBxHxMxK, cache.self_v_LxBxHxMxK))
+    return dataclasses.replace(cache, self_k_LxBxHxMxK=self_k, self_v_LxBxHxMxK=self_v, index_B=cache.index_B[rows_R])
 
 
 def _dropout_keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -94,6 +100,15 @@ def _dropout_keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
     if key is None:
         return [None] * n
     return list(jax.random.split(key, n))
+
+
+def _embedding_and_layer_keys(key: jax.Array | None, layers: int) -> tuple[jax.Array | None, jax.Array | None]:
+    """A dropout key for a stack's embeddings and ``[L]`` keys, one per layer (scanned with the layers);
+    ``None`` for both when dropout is off."""
+    if key is None:
+        return None, None
+    embedding_key, layers_key = jax.random.split(key)
+    return embedding_key, jax.random.split(layers_key, layers)
 
 
 def _draw_key(deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array | None:
@@ -233,14 +248,15 @@ class DecoderLayer(_Layer):
         self.encoder_attn_layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
 
     def __call__(self, h_BxTxD, self_mask_Bx1xTxL, cross_kv, cross_mask_Cx1x1xS, self_kv, index_B, key):
-        """One layer. With ``self_kv`` (the cached ``[B, H, M, Dh]`` keys/values), this step's keys/values
-        are written at ``index_B`` and attention runs over the cache; without, over ``h`` itself.
+        """One layer. With ``self_kv`` (this layer's cached ``[B, H, M, Dh]`` keys/values), this step's
+        keys/values are written at ``index_B`` and attention runs over the cache; without, over ``h`` itself.
 
-        Returns the new hidden states and the self-attention keys/values attended to.
+        Returns the new hidden states and this step's self-attention keys/values ``[B, H, T, Dh]``.
         """
         keys = _dropout_keys(key, 6)
         x_BxTxD = self._block_input(self.self_attn_layer_norm, h_BxTxD)
-        k_BxHxLxK, v_BxHxLxK = self.self_attn.project_kv(x_BxTxD)
+        new_kv = self.self_attn.project_kv(x_BxTxD)
+        k_BxHxLxK, v_BxHxLxK = new_kv
         if self_kv is not None:
             k_BxHxLxK, v_BxHxLxK = _write_at(self_kv[0], k_BxHxLxK, index_B), _write_at(self_kv[1], v_BxHxLxK, index_B)
         out_BxTxD = self.self_attn(x_BxTxD, k_BxHxLxK, v_BxHxLxK, self_mask_Bx1xTxL, key=keys[0])
@@ -249,7 +265,7 @@ class DecoderLayer(_Layer):
         x_BxTxD = self._block_input(self.encoder_attn_layer_norm, h_BxTxD)
         out_BxTxD = self.encoder_attn(x_BxTxD, *cross_kv, cross_mask_Cx1x1xS, key=keys[2])
         h_BxTxD = self._block_output(self.encoder_attn_layer_norm, h_BxTxD, out_BxTxD, keys[3])
-        return self._feed_forward(h_BxTxD, keys[4:]), (k_BxHxLxK, v_BxHxLxK)
+        return self._feed_forward(h_BxTxD, keys[4:]), new_kv
 
 
 def _write_at(buf_BxHxMxK: jax.Array, new_BxHxTxK: jax.Array, index_B: jax.Array) -> jax.Array:
@@ -261,14 +277,28 @@ def _write_at(buf_BxHxMxK: jax.Array, new_BxHxTxK: jax.Array, index_B: jax.Array
     return jax.vmap(write_row)(buf_BxHxMxK, new_BxHxTxK, index_B)
 
 
-def _call_layer(layer, *args):
-    return layer(*args)
+_write_at_every_layer = jax.vmap(_write_at, in_axes=(0, 0, None))
+"""``_write_at`` for stacked ``[L, B, H, M, Dh]`` caches and ``[L, B, H, T, Dh]`` new keys/values."""
+
+
+def _stacked_layers(make_layer, layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """``layers`` layers ``make_layer(rngs)`` as one module whose variables have a leading layer axis,
+    each layer initialised from its own split of ``rngs`` (flax's scan-over-layers recipe)."""
+
+    @nnx.split_rngs(splits=layers)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(rngs):
+        return make_layer(rngs)
+
+    return make(rngs)
 
 
 class _Stack(nnx.Module):
-    """The parts of an encoder or decoder stack around its layers (positions, embedding norm, final norm)."""
+    """An encoder or decoder stack: ``num_layers`` layers ``make_layer(rngs)``, stacked (see
+    ``_stacked_layers``), the parts around them (positions, embedding norm, final norm) and the scan over
+    the layers."""
 
-    def __init__(self, cfg: BartConfig, layers: list[nnx.Module], *, rngs: nnx.Rngs, param_dtype, remat: bool):
+    def __init__(self, cfg: BartConfig, make_layer, num_layers: int, *, rngs: nnx.Rngs, param_dtype, remat: bool):
         self.embed_positions = nnx.Embed(
             cfg.max_position_embeddings + POSITION_OFFSET,
             cfg.d_model,
@@ -277,7 +307,8 @@ class _Stack(nnx.Module):
             rngs=rngs,
         )
         self.layernorm_embedding = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
-        self.layers = nnx.List(layers)
+        self.layers = _stacked_layers(make_layer, num_layers, rngs)
+        self.num_layers = num_layers
         self.layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype) if cfg.normalize_before else None
         self.dropout_rate = cfg.dropout
         self.remat = remat
@@ -289,46 +320,70 @@ class _Stack(nnx.Module):
     def _final(self, h_BxLxD) -> jax.Array:
         return h_BxLxD if self.layer_norm is None else self.layer_norm(h_BxLxD)
 
-    def _layer_fn(self):
-        """How each layer is called: directly, or rematerialised in the backward pass."""
-        return nnx.remat(_call_layer) if self.remat else _call_layer
+    def _scan(self, body, h, xs):
+        """``body(layer, h, x) -> (h, y)`` over the layers in order with ``jax.lax.scan``: ``xs`` and the
+        returned ``ys`` have a leading layer axis. With ``remat``, each layer's activations are recomputed
+        in the backward pass instead of stored."""
+        graphdef, state = nnx.split(self.layers)
+
+        def step(h, state_and_x):
+            layer_state, x = state_and_x
+            return body(nnx.merge(graphdef, layer_state), h, x)
+
+        if self.remat:
+            step = jax.checkpoint(step, prevent_cse=False)  # a scan body is not CSE'd across iterations
+        return jax.lax.scan(step, h, (state, xs))
 
 
 class Encoder(_Stack):
     def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: bool):
-        layers = [EncoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(cfg.encoder_layers)]
-        super().__init__(cfg, layers, rngs=rngs, param_dtype=param_dtype, remat=remat)
+        def make_layer(rngs):
+            return EncoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+        super().__init__(cfg, make_layer, cfg.encoder_layers, rngs=rngs, param_dtype=param_dtype, remat=remat)
 
     def __call__(self, tokens_BxSxD, attention_mask_BxS, key) -> jax.Array:
-        keys = _dropout_keys(key, len(self.layers) + 1)
+        embedding_key, layer_keys_L = _embedding_and_layer_keys(key, self.num_layers)
         b, s = attention_mask_BxS.shape
-        h_BxSxD = self._embed(tokens_BxSxD, jnp.broadcast_to(jnp.arange(s), (b, s)), keys[0])
+        h_BxSxD = self._embed(tokens_BxSxD, jnp.broadcast_to(jnp.arange(s), (b, s)), embedding_key)
         mask_Bx1x1xS = attention_mask_BxS.astype(bool)[:, None, None, :]
-        call = self._layer_fn()
-        for layer, layer_key in zip(self.layers, keys[1:]):
-            h_BxSxD = call(layer, h_BxSxD, mask_Bx1x1xS, layer_key)
+
+        def body(layer, h_BxSxD, layer_key):
+            return layer(h_BxSxD, mask_Bx1x1xS, layer_key), None
+
+        h_BxSxD, _ = self._scan(body, h_BxSxD, layer_keys_L)
         return self._final(h_BxSxD)
 
 
 class Decoder(_Stack):
     def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: bool):
-        layers = [DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(cfg.decoder_layers)]
-        super().__init__(cfg, layers, rngs=rngs, param_dtype=param_dtype, remat=remat)
+        def make_layer(rngs):
+            return DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, tokens_BxTxD, index_B, self_mask_Bx1xTxL, cross_mask_Cx1x1xS, layer_kvs, key):
-        """``layer_kvs[i]`` is ``(cross_kv, self_kv or None)`` for layer i; returns hidden states and the
-        self-attention keys/values of every layer."""
-        keys = _dropout_keys(key, len(self.layers) + 1)
+        super().__init__(cfg, make_layer, cfg.decoder_layers, rngs=rngs, param_dtype=param_dtype, remat=remat)
+
+    def cross_kv(self, enc_CxSxD) -> tuple[jax.Array, jax.Array]:
+        """Every layer's cross-attention keys and values of the encoder output: two ``[L, C, H, S, Dh]``."""
+        graphdef, state = nnx.split(self.layers)
+        return jax.vmap(lambda layer_state: nnx.merge(graphdef, layer_state).encoder_attn.project_kv(enc_CxSxD))(state)
+
+    def __call__(self, tokens_BxTxD, index_B, self_mask_Bx1xTxL, cross_mask_Cx1x1xS, cross_kv, self_kv, key):
+        """``cross_kv`` and ``self_kv`` (None: no cache) are every layer's keys/values, ``[L, ...]`` pairs;
+        returns the hidden states and, with ``self_kv``, this step's self-attention keys/values of every
+        layer, ``[L, B, H, T, Dh]`` (None without)."""
+        embedding_key, layer_keys_L = _embedding_and_layer_keys(key, self.num_layers)
         t = tokens_BxTxD.shape[1]
-        h_BxTxD = self._embed(tokens_BxTxD, index_B[:, None] + jnp.arange(t)[None, :], keys[0])
-        call = self._layer_fn()
-        self_kvs = []
-        for layer, (cross_kv, self_kv), layer_key in zip(self.layers, layer_kvs, keys[1:]):
-            h_BxTxD, kv = call(
-                layer, h_BxTxD, self_mask_Bx1xTxL, cross_kv, cross_mask_Cx1x1xS, self_kv, index_B, layer_key
+        h_BxTxD = self._embed(tokens_BxTxD, index_B[:, None] + jnp.arange(t)[None, :], embedding_key)
+
+        def body(layer, h_BxTxD, x):
+            layer_cross_kv, layer_self_kv, layer_key = x
+            h_BxTxD, new_kv = layer(
+                h_BxTxD, self_mask_Bx1xTxL, layer_cross_kv, cross_mask_Cx1x1xS, layer_self_kv, index_B, layer_key
             )
-            self_kvs.append(kv)
-        return self._final(h_BxTxD), self_kvs
+            return h_BxTxD, None if layer_self_kv is None else new_kv
+
+        h_BxTxD, new_kv = self._scan(body, h_BxTxD, (cross_kv, self_kv, layer_keys_L))
+        return self._final(h_BxTxD), new_kv
 
 
 def _self_attention_mask(index_B, t: int, length: int, decoder_attention_mask) -> jax.Array:
@@ -380,12 +435,12 @@ class Bart(nnx.Module):
         """An empty ``DecodeCache`` for up to ``max_length`` decoded tokens, with every layer's
         cross-attention keys/values computed once from ``enc``; ``rows_per_input`` decoder rows per
         encoder row (e.g. the beams of a search) share them (see ``with_decoder_rows``)."""
-        layers = []
-        for layer in self.decoder.layers:
-            cross_k_CxHxSxK, cross_v_CxHxSxK = layer.encoder_attn.project_kv(enc_CxSxD)
-            no_slots_CxHx0xK = jnp.zeros_like(cross_k_CxHxSxK[:, :, :0], self.dtype)
-            layers.append(LayerCache(no_slots_CxHx0xK, no_slots_CxHx0xK, cross_k_CxHxSxK, cross_v_CxHxSxK))
-        cache = DecodeCache(tuple(layers), attention_mask_CxS, jnp.zeros(attention_mask_CxS.shape[:1], jnp.int32))
+        cross_k_LxCxHxSxK, cross_v_LxCxHxSxK = self.decoder.cross_kv(enc_CxSxD)
+        no_slots_LxCxHx0xK = jnp.zeros_like(cross_k_LxCxHxSxK[:, :, :, :0], self.dtype)
+        index_C = jnp.zeros(attention_mask_CxS.shape[:1], jnp.int32)
+        cache = DecodeCache(
+            no_slots_LxCxHx0xK, no_slots_LxCxHx0xK, cross_k_LxCxHxSxK, cross_v_LxCxHxSxK, attention_mask_CxS, index_C
+        )
         return with_decoder_rows(cache, rows_per_input, max_length)
 
     def decode(
@@ -419,26 +474,29 @@ class Bart(nnx.Module):
             index_B = jnp.zeros((b,), jnp.int32)
             length = t
             cross_mask_CxS = attention_mask_BxS
-            layer_kvs = [(layer.encoder_attn.project_kv(enc_BxSxD), None) for layer in self.decoder.layers]
+            cross_kv = self.decoder.cross_kv(enc_BxSxD)
+            self_kv = None
         else:
             index_B = cache.index_B
             length = cache.max_length
             cross_mask_CxS = cache.encoder_mask_CxS
-            layer_kvs = [
-                ((c.cross_k_CxHxSxK, c.cross_v_CxHxSxK), (c.self_k_BxHxMxK, c.self_v_BxHxMxK)) for c in cache.layers
-            ]
+            cross_kv = (cache.cross_k_LxCxHxSxK, cache.cross_v_LxCxHxSxK)
+            self_kv = (cache.self_k_LxBxHxMxK, cache.self_v_LxBxHxMxK)
         self_mask_Bx1xTxL = _self_attention_mask(index_B, t, length, decoder_attention_mask)
         cross_mask_Cx1x1xS = cross_mask_CxS.astype(bool)[:, None, None, :]
-        h_BxTxD, self_kvs = self.decoder(
-            self._embed_tokens(decoder_input_ids_BxT), index_B, self_mask_Bx1xTxL, cross_mask_Cx1x1xS, layer_kvs, key
+        tokens_BxTxD = self._embed_tokens(decoder_input_ids_BxT)
+        h_BxTxD, new_kv = self.decoder(
+            tokens_BxTxD, index_B, self_mask_Bx1xTxL, cross_mask_Cx1x1xS, cross_kv, self_kv, key
         )
         logits_BxTxV = self._lm_head(h_BxTxD)
         if cache is None:
             return logits_BxTxV, None
-        layers = tuple(
-            dataclasses.replace(c, self_k_BxHxMxK=k, self_v_BxHxMxK=v) for c, (k, v) in zip(cache.layers, self_kvs)
+        self_k_LxBxHxMxK, self_v_LxBxHxMxK = (
+            _write_at_every_layer(cached, new, index_B) for cached, new in zip(self_kv, new_kv)
         )
-        return logits_BxTxV, DecodeCache(layers, cache.encoder_mask_CxS, index_B + t)
+        return logits_BxTxV, dataclasses.replace(
+            cache, self_k_LxBxHxMxK=self_k_LxBxHxMxK, self_v_LxBxHxMxK=self_v_LxBxHxMxK, index_B=index_B + t
+        )
 
     def _lm_head(self, h_BxTxD) -> jax.Array:
         """Tied output projection (``h @ shared.T``) plus ``final_logits_bias``, in float32."""

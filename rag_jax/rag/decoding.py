@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rag_jax.models.bart import Bart, DecodeCache, with_decoder_rows
+from rag_jax.models.bart import Bart, DecodeCache, take_decoder_rows, with_decoder_rows
 from rag_jax.models.configs import BartConfig
 from rag_jax.rag import objective
 
@@ -398,11 +398,7 @@ def _reorder_beams(cache: DecodeCache, source_BxN: jax.Array, n_docs: int) -> De
     b, n = source_BxN.shape
     doc_rows_BxKx1 = (jnp.arange(b)[:, None] * n_docs + jnp.arange(n_docs)[None, :])[:, :, None]
     rows_R = (doc_rows_BxKx1 * n + source_BxN[:, None, :]).reshape(-1)
-    layers = tuple(
-        dataclasses.replace(c, self_k_BxHxMxK=c.self_k_BxHxMxK[rows_R], self_v_BxHxMxK=c.self_v_BxHxMxK[rows_R])
-        for c in cache.layers
-    )
-    return dataclasses.replace(cache, layers=layers)
+    return take_decoder_rows(cache, rows_R)
 
 
 def _step_fn(model: Bart, n_docs: int, num_beams: int, doc_scores_BxK: jax.Array | None) -> StepFn:

@@ -38,8 +38,9 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 # Parameter path (the "/"-joined pytree keys) -> logical axes of its dimensions, first match wins;
 # anything unmatched (norm scales and biases, output biases) is replicated. Examples:
-# "generator/encoder/layers/0/self_attn/q_proj/kernel", "query_encoder/layers/query/kernel" (stacked
-# BERT layers: one more leading dim, named "layers").
+# "generator/encoder/layers/self_attn/q_proj/kernel", "query_encoder/layers/query/kernel" (stacked BART
+# and BERT layers: one more leading dim, named "layers", which is never sharded: the scan over layers
+# slices it).
 PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"embeddings/word$|shared/embedding$", ("vocab", "embed")),
     (r"embeddings/(position|token_type)$|embed_positions/embedding$", ("norm", "embed")),

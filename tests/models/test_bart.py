@@ -2,9 +2,11 @@
 dropout, mixed precision, strict weight conversion and the HF round trip."""
 
 import copy
+import dataclasses
 import shutil
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from flax import nnx
 from rag_jax.hf.bart import TIED_ALIASES, bart_from_hf, bart_state_to_hf, key_table
 from rag_jax.hf.generator import load_generator, save_generator_hf
 from rag_jax.hf.io import CheckpointKeyError, read_config, read_state_dict
-from rag_jax.models.bart import Bart, count_params
+from rag_jax.models.bart import Attention, Bart, count_params, take_decoder_rows
 from rag_jax.models.configs import BartConfig
 
 VOCAB = 97
@@ -229,7 +231,13 @@ def test_cache_rows_reorder_like_beams(gelu, inputs):
     cache = model.init_cache(enc, mask, max_length=8)
     _, cache = _decode_step(graphdef, state, dec[:, :3], cache, dec_mask)
     perm = np.array([2, 0, 0])
-    reordered = jax.tree.map(lambda x: x[perm], cache)
+    reordered = take_decoder_rows(cache, perm)  # the self-attention state; with C = B, the rest moves too:
+    reordered = dataclasses.replace(
+        reordered,
+        cross_k_LxCxHxSxK=cache.cross_k_LxCxHxSxK[:, perm],  # rows follow the layer axis
+        cross_v_LxCxHxSxK=cache.cross_v_LxCxHxSxK[:, perm],
+        encoder_mask_CxS=cache.encoder_mask_CxS[perm],
+    )
     logits, _ = _decode_step(graphdef, state, dec[perm, 3:4], reordered, dec_mask[perm])
     expected, _ = _decode_step(graphdef, state, dec[:, 3:4], cache, dec_mask)
     np.testing.assert_allclose(logits, expected[perm], atol=1e-6)
@@ -245,13 +253,13 @@ def test_decoder_rows_share_encoder_rows(gelu, inputs):
     dec_mask_R = np.stack([dec_mask, np.roll(dec_mask, 1, axis=0)], axis=1).reshape(6, -1)
     shared = model.init_cache(enc, mask, max_length=8, rows_per_input=2)
     copied = model.init_cache(jnp.repeat(enc, 2, axis=0), jnp.repeat(mask, 2, axis=0), max_length=8)
-    assert shared.layers[0].cross_k_CxHxSxK.shape[0] == 3 and shared.layers[0].self_k_BxHxMxK.shape[0] == 6
+    assert shared.cross_k_LxCxHxSxK.shape[:2] == (2, 3) and shared.self_k_LxBxHxMxK.shape[:2] == (2, 6)
     for ids in (dec_R[:, :3], dec_R[:, 3:4], dec_R[:, 4:5]):
         logits, shared = _decode_step(graphdef, state, ids, shared, dec_mask_R)
         expected, copied = _decode_step(graphdef, state, ids, copied, dec_mask_R)
         assert _max_diff(logits, expected) <= 1e-6
     np.testing.assert_array_equal(shared.index_B, [5] * 6)
-    attention = model.decoder.layers[0].encoder_attn
+    attention = Attention(model.config, 4, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
     cross_k, cross_v = attention.project_kv(enc)
     with pytest.raises(ValueError, match="4 query rows cannot share 3 rows"):
         attention(jnp.zeros((4, 1, enc.shape[-1])), cross_k, cross_v, jnp.ones((3, 1, 1, enc.shape[1]), bool), key=None)
@@ -290,21 +298,64 @@ def test_dropout_only_when_not_deterministic_and_reproducible(inputs):
         model(*inputs, deterministic=False)
 
 
-def test_remat_wraps_every_layer():
+def _remat_loss(cfg: BartConfig, remat: bool):
+    """A dropout-on training loss of the logits as a function of the weights, and the weights."""
     ids, mask, dec, _ = (np.ones((2, 5), np.int32),) * 4
-    cfg = _dropout_config()
+    graphdef, state = nnx.split(Bart(cfg, rngs=nnx.Rngs(0), remat=remat))
+
+    def loss(state):
+        model = nnx.merge(graphdef, state)
+        return model(ids, mask, dec, deterministic=False, rngs=nnx.Rngs(dropout=_fast_key(3))).sum()
+
+    return loss, state
+
+
+def _count_primitives(jaxpr, name: str) -> int:
+    """Equations of primitive ``name`` in ``jaxpr`` and every jaxpr nested in it (scan bodies...)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _count_primitives(sub, name)
+    return count
+
+
+def test_remat_wraps_the_scanned_layer():
+    """One rematerialised layer body per stack, inside its scan (not one per layer)."""
 
     def rematerialised(remat):
-        graphdef, state = nnx.split(Bart(cfg, rngs=nnx.Rngs(0), remat=remat))
+        loss, state = _remat_loss(_dropout_config(), remat)
+        return _count_primitives(jax.make_jaxpr(jax.grad(loss))(state).jaxpr, "remat2")
 
-        def loss(state):
-            model = nnx.merge(graphdef, state)
-            return model(ids, mask, dec, deterministic=False, rngs=nnx.Rngs(dropout=_fast_key(3))).sum()
+    assert (rematerialised(False), rematerialised(True)) == (0, 2)
 
-        jaxpr = jax.make_jaxpr(jax.grad(loss))(state)
-        return sum(eqn.primitive.name == "remat2" for eqn in jaxpr.jaxpr.eqns)
 
-    assert (rematerialised(False), rematerialised(True)) == (0, cfg.encoder_layers + cfg.decoder_layers)
+def test_remat_gives_the_same_loss_and_gradients():
+    cfg = BartConfig(**{**TINY, "decoder_layers": 3}, dropout=0.3, attention_dropout=0.2, activation_dropout=0.1)
+    (loss, grads), (loss_remat, grads_remat) = (
+        jax.jit(jax.value_and_grad(fn))(state) for fn, state in (_remat_loss(cfg, False), _remat_loss(cfg, True))
+    )
+    assert float(loss) == pytest.approx(float(loss_remat), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_program_size_does_not_grow_with_depth():
+    """The layers are scanned: a 6+6-layer model lowers (training step and cached decoding step) to
+    about the same StableHLO as a 1+1-layer one (only shapes and constants differ)."""
+
+    def hlo_sizes(layers):
+        cfg = BartConfig(**{**TINY, "encoder_layers": layers, "decoder_layers": layers})
+        loss, state = _remat_loss(cfg, remat=False)
+        train = jax.jit(jax.grad(loss)).lower(state).as_text()
+        model = Bart(cfg, rngs=nnx.Rngs(0))
+        ids = np.ones((2, 5), np.int32)
+        cache = model.init_cache(model.encode(ids, ids), ids, max_length=8)
+        step = _decode_step.lower(*nnx.split(model), ids[:, :1], cache, None).as_text()
+        return np.array([len(train), len(step)])
+
+    shallow, deep = hlo_sizes(1), hlo_sizes(6)
+    assert np.all(deep < 1.05 * shallow), (shallow, deep)
 
 
 def test_bf16_compute_is_close_to_float32(hf_folders, inputs):
@@ -323,7 +374,7 @@ def test_bf16_compute_is_close_to_float32(hf_folders, inputs):
         return bf16.model.decode(dec[:, :2], None, None, cache=cache)
 
     logits, cache = jax.eval_shape(cached_step)
-    assert logits.dtype == jnp.float32 and cache.layers[0].self_k_BxHxMxK.dtype == jnp.bfloat16
+    assert logits.dtype == jnp.float32 and cache.self_k_LxBxHxMxK.dtype == jnp.bfloat16
 
 
 @pytest.fixture(scope="module")

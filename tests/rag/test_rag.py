@@ -113,8 +113,8 @@ def test_gradients_match_torch_autograd(pair):
     gen_t = torch_model.rag.generator.model
     pairs = [
         (state_grad["shared"]["embedding"][...], gen_t.shared.weight.grad),
-        (state_grad["encoder"]["layers"][0]["fc1"]["kernel"][...], gen_t.encoder.layers[0].fc1.weight.grad.T),
-        (state_grad["decoder"]["layers"][1]["encoder_attn"]["q_proj"]["kernel"][...],
+        (state_grad["encoder"]["layers"]["fc1"]["kernel"][0], gen_t.encoder.layers[0].fc1.weight.grad.T),
+        (state_grad["decoder"]["layers"]["encoder_attn"]["q_proj"]["kernel"][1],
          gen_t.decoder.layers[1].encoder_attn.q_proj.weight.grad.T),
     ]  # fmt: skip
     for ours, theirs in pairs:

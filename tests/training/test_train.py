@@ -190,8 +190,8 @@ def test_sharded_step_equals_single_device_step():
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, model=1))
     sharded = Trainer(_model(dropout=0.1), _cfg(), mesh=mesh)
     state8 = sharded.init_state()
-    fc1 = state8.params["generator"]["encoder"]["layers"][0]["fc1"]["kernel"]
-    assert fc1.sharding.spec == P("fsdp", None)  # embed dim (32) over fsdp; mlp (48) over model (size 1)
+    fc1 = state8.params["generator"]["encoder"]["layers"]["fc1"]["kernel"]
+    assert fc1.sharding.spec == P(None, "fsdp", None)  # [layers, embed (32) over fsdp, mlp (48) over model (size 1)]
     word = state8.params["query_encoder"]["embeddings"]["word"]
     assert word.sharding.spec == P(None, "fsdp")
     query = state8.params["query_encoder"]["layers"]["query"]["kernel"]
@@ -200,8 +200,8 @@ def test_sharded_step_equals_single_device_step():
                    if _is_adam_state(s)]  # fmt: skip
     assert adam_states
     for adam in adam_states:
-        fc1_mu = adam.mu["generator"]["encoder"]["layers"][0]["fc1"]["kernel"]
-        assert fc1_mu.sharding.spec == P("fsdp", None)
+        fc1_mu = adam.mu["generator"]["encoder"]["layers"]["fc1"]["kernel"]
+        assert fc1_mu.sharding.spec == P(None, "fsdp", None)
 
     for _ in range(2):
         state8, metrics8 = sharded.train_step(state8, dict(batch))
