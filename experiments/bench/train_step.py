@@ -49,6 +49,7 @@ import transformers
 from rag_jax.commands import host_memory
 from rag_jax.config import reference_recipe, resolve, with_changes
 from rag_jax.hf.rag import load_rag
+from rag_jax.rag.batches import DenseRagBatch
 from rag_jax.training.step import Trainer
 
 # Both sides get the same threads: torch.set_num_threads(--threads); XLA:CPU uses every core (its
@@ -124,7 +125,7 @@ def torch_rag(size: Size, variant: str, seed: int = 0):
     return cls(config, question_encoder=qe, generator=gen).train()
 
 
-def make_batch(size: Size, seed: int = 0) -> dict[str, np.ndarray]:
+def make_batch(size: Size, seed: int = 0) -> DenseRagBatch:
     """A synthetic rag_jax batch: random tokens, some padded contexts and targets."""
     rng = np.random.default_rng(seed)
     b, k, s, t, sq = size.batch, size.n_docs, size.context_len, size.target_len, size.question_len
@@ -141,26 +142,26 @@ def make_batch(size: Size, seed: int = 0) -> dict[str, np.ndarray]:
     labels[0, t - t // 3 :] = PAD
     labels[np.arange(b), np.where(labels[:, -1] == PAD, t - t // 3 - 1, t - 1)] = EOS
     d = size.question_encoder["hidden_size"]
-    return {
-        "question_input_ids": question.astype(np.int32),
-        "question_attention_mask": question_mask.astype(np.int32),
-        "doc_embeddings": (rng.normal(size=(b, k, d)) / np.sqrt(d)).astype(np.float32),
-        "context_input_ids": context.astype(np.int32),
-        "context_attention_mask": context_mask.astype(np.int32),
-        "labels": labels.astype(np.int32),
-    }
+    return DenseRagBatch(
+        question_input_ids_BxQ=question.astype(np.int32),
+        question_attention_mask_BxQ=question_mask.astype(np.int32),
+        doc_embeddings_BxKxD=(rng.normal(size=(b, k, d)) / np.sqrt(d)).astype(np.float32),
+        context_input_ids_BxKxS=context.astype(np.int32),
+        context_attention_mask_BxKxS=context_mask.astype(np.int32),
+        labels_BxT=labels.astype(np.int32),
+    )
 
 
-def torch_batch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def torch_batch(batch: DenseRagBatch) -> dict[str, torch.Tensor]:
     """The same batch as the reference reads it: contexts flattened to ``[B*K, S]``, document fastest."""
-    b, k, s = batch["context_input_ids"].shape
+    b, k, s = batch.context_input_ids_BxKxS.shape
     return {
-        "question_input_ids": torch.tensor(batch["question_input_ids"], dtype=torch.long),
-        "question_attention_mask": torch.tensor(batch["question_attention_mask"], dtype=torch.long),
-        "doc_embeddings": torch.tensor(batch["doc_embeddings"]),
-        "context_input_ids": torch.tensor(batch["context_input_ids"].reshape(b * k, s), dtype=torch.long),
-        "context_attention_mask": torch.tensor(batch["context_attention_mask"].reshape(b * k, s), dtype=torch.long),
-        "labels": torch.tensor(batch["labels"], dtype=torch.long),
+        "question_input_ids": torch.tensor(batch.question_input_ids_BxQ, dtype=torch.long),
+        "question_attention_mask": torch.tensor(batch.question_attention_mask_BxQ, dtype=torch.long),
+        "doc_embeddings": torch.tensor(batch.doc_embeddings_BxKxD),
+        "context_input_ids": torch.tensor(batch.context_input_ids_BxKxS.reshape(b * k, s), dtype=torch.long),
+        "context_attention_mask": torch.tensor(batch.context_attention_mask_BxKxS.reshape(b * k, s), dtype=torch.long),
+        "labels": torch.tensor(batch.labels_BxT, dtype=torch.long),
     }
 
 
@@ -321,11 +322,11 @@ def bench_size(name: str, variant: str, args) -> Result:
 
     wait_for_quiet_cpu(args.load_limit, 600)
     print(f"[{name}] first rag_jax step (traces and compiles)", flush=True)
-    (state, _), first_call_s = timed(lambda: jax.block_until_ready(trainer.train_step(state, dict(batch))))
+    (state, _), first_call_s = timed(lambda: jax.block_until_ready(trainer.train_step(state, batch)))
     with warnings.catch_warnings():  # the batch's int buffers cannot be reused for the outputs: expected
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         # the Trainer's own jitted step, compiled again ahead of time: its compile time, FLOPs, temp memory
-        compiled, compile_s = timed(lambda: trainer._step.lower(state, batch).compile())
+        compiled, compile_s = timed(lambda: trainer._steps[type(batch)].lower(state, batch).compile())
     flops = compiled.cost_analysis()["flops"]
     temp_bytes = compiled.memory_analysis().temp_size_in_bytes
 
@@ -333,7 +334,7 @@ def bench_size(name: str, variant: str, args) -> Result:
     jax_state = [state]
 
     def jax_step():
-        jax_state[0], metrics = jax.block_until_ready(trainer.train_step(jax_state[0], dict(batch)))
+        jax_state[0], metrics = jax.block_until_ready(trainer.train_step(jax_state[0], batch))
         return metrics
 
     load_before = wait_for_quiet_cpu(args.load_limit, 600)

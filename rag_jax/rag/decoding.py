@@ -507,29 +507,36 @@ def _thorough_scores(
     """``-loss`` of every candidate: ``RagSequenceForGeneration``'s forward with the candidate as labels over
     the question's K documents (``exclude_bos_score=True`` when every candidate of the question has BOS
     as its first target), computed in passes over chunks of at most ``chunk_limit`` candidates. Passes
-    that hold only candidates ``>= n_live`` (an int32 scalar) are skipped: those candidates score -inf."""
+    that hold only candidates ``>= n_live`` (an int32 scalar) are skipped: those candidates score -inf.
+
+    The loss is ``rag_jax.rag.objective.marginal_nll``, the objective of ``rag_jax.rag.model.per_example_loss``;
+    the rest of that composition does not apply here: the logits come from decoding against the search's
+    cached encoder states (the encoder runs once, not once per candidate), and ``exclude_bos_score`` is
+    decided per question over its candidates, as transformers scores each question's candidates as one batch."""
     b, c, length = candidates_BxCxL.shape
     k = doc_scores_BxK.shape[1]
     chunk = _rescoring_chunk(c, b * k, length, model.config.vocab_size, chunk_limit)
     cache = with_decoder_rows(base, chunk, length)  # rows (b, k, c)
-    loss_kw = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, epsilon=epsilon, form=objective.PARITY_FORM)
+    with_bos = objective.LossSpec(
+        "sequence", pad_token_id=pad_token_id, bos_token_id=bos_token_id, epsilon=epsilon, form=objective.PARITY_FORM
+    )
+    specs = (with_bos, dataclasses.replace(with_bos, exclude_bos_score=True))
 
-    def loss_one_candidate(logits_KxLxV, scores_K, labels_L, exclude_bos_score):
-        return objective.rag_sequence_loss(
-            logits_KxLxV[None], scores_K[None], labels_L[None], exclude_bos_score=exclude_bos_score, **loss_kw
-        )[0]
+    def per_question(spec):
+        """The loss of every candidate under ``spec``: over the question's candidates (axis 1 of the
+        ``[B, K, c, L, V]`` logits), then over the questions."""
 
-    # over the question's candidates (axis 1 of the [B, K, c, L, V] logits), then over the questions
-    per_question = jax.vmap(jax.vmap(loss_one_candidate, in_axes=(1, None, 0, None)), in_axes=(0, 0, 0, None))
+        def loss_one_candidate(logits_KxLxV, scores_K, labels_L):
+            return objective.marginal_nll(spec, logits_KxLxV[None], scores_K[None], labels_L[None])[0]
+
+        return jax.vmap(jax.vmap(loss_one_candidate, in_axes=(1, None, 0)))
 
     def losses(labels_cxBxL):
         labels_BxcxL = labels_cxBxL.transpose(1, 0, 2)
         labels_RxL = jnp.broadcast_to(labels_BxcxL[:, None], (b, k, chunk, length)).reshape(-1, length)
         logits_RxLxV, _ = model.decode(labels_RxL, None, None, cache=cache)
         logits_BxKxcxLxV = logits_RxLxV.reshape(b, k, chunk, length, -1)
-        return tuple(
-            per_question(logits_BxKxcxLxV, doc_scores_BxK, labels_BxcxL, exclude).T for exclude in (False, True)
-        )
+        return tuple(per_question(spec)(logits_BxKxcxLxV, doc_scores_BxK, labels_BxcxL).T for spec in specs)
 
     def losses_unless_dead(start_and_labels):
         start, labels_cxBxL = start_and_labels

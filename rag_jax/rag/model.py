@@ -1,5 +1,9 @@
 """The RAG model: a question encoder and a generator, the per-document generator pass, the loss.
 
+``per_example_loss`` is the one composition of the loss (decoder inputs, generator passes, doc
+scores, ``rag_jax.rag.objective``) from a typed batch (``rag_jax.rag.batches``) and a ``LossSpec``:
+``RagModel.loss`` and the training step both call it.
+
 Generator inputs arrive as transformers lays them out, ``B * K`` rows with the document index
 fastest (b0d0, b0d1, ...); inside rag_jax they are ``[B, K, S]`` and the generator runs over the
 document axis with ``jax.vmap`` (one batched program, same weights for every document). The
@@ -9,6 +13,7 @@ decoder input is shared by the K documents of an example.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -22,6 +27,7 @@ from rag_jax.models.configs import BartConfig, BertConfig, RagConfig
 from rag_jax.models.encoder import Encoder, pooled_encode
 from rag_jax.models.generator import Generator
 from rag_jax.rag import objective
+from rag_jax.rag.batches import Batch, DenseRagBatch, FixedScoreRagBatch, Seq2SeqBatch
 from rag_jax.rag.decoding import (
     Decoding,
     SearchOptions,
@@ -34,6 +40,25 @@ from rag_jax.rag.decoding import (
 
 Variant = Literal["token", "sequence"]
 ARCHITECTURES = {"token": "RagTokenForGeneration", "sequence": "RagSequenceForGeneration"}
+
+
+def generator_logits(
+    graphdef: nnx.GraphDef,
+    generator_state: nnx.State,
+    input_ids_BxS: jax.Array,
+    attention_mask_BxS: jax.Array,
+    decoder_input_ids_BxT: jax.Array,
+    decoder_attention_mask_BxT: jax.Array | None = None,
+    *,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """Generator logits ``[B, T, V]`` (float32) of one input per example; dropout on with ``dropout_key``."""
+    model = nnx.merge(graphdef, generator_state)
+    rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
+    return model(
+        input_ids_BxS, attention_mask_BxS, decoder_input_ids_BxT, decoder_attention_mask_BxT,
+        deterministic=dropout_key is None, rngs=rngs,
+    )  # fmt: skip
 
 
 def per_doc_logits(
@@ -55,11 +80,10 @@ def per_doc_logits(
     keys_K = None if dropout_key is None else jax.random.split(dropout_key, k)
 
     def one_doc(ids_BxS, mask_BxS, key):
-        model = nnx.merge(graphdef, generator_state)
-        rngs = None if key is None else nnx.Rngs(dropout=key)
-        return model(
-            ids_BxS, mask_BxS, decoder_input_ids_BxT, decoder_attention_mask_BxT, deterministic=key is None, rngs=rngs
-        )
+        return generator_logits(
+            graphdef, generator_state, ids_BxS, mask_BxS, decoder_input_ids_BxT, decoder_attention_mask_BxT,
+            dropout_key=key,
+        )  # fmt: skip
 
     return jax.vmap(one_doc, in_axes=(1, 1, None if keys_K is None else 0), out_axes=1)(
         context_input_ids_BxKxS, context_attention_mask_BxKxS, keys_K
@@ -74,34 +98,58 @@ def doc_scores_from_embeddings(question_vectors_BxD: jax.Array, doc_embeddings_B
     )  # fmt: skip
 
 
-def marginal_nll(
-    logits_BxKxTxV: jax.Array,
-    doc_scores_BxK: jax.Array,
-    labels_BxT: jax.Array,
-    *,
-    variant: Variant,
-    pad_token_id: int,
-    bos_token_id: int | None,
-    epsilon: float = 0.0,
-    exclude_bos_score: bool = False,
-    reduce: bool = False,
-    form: objective.Form = objective.PARITY_FORM,
+QuestionEncoderFn = Callable[..., jax.Array]
+"""``(question_input_ids_BxQ, question_attention_mask_BxQ, *, dropout_key) -> question vectors [B, D]``."""
+
+
+def per_example_loss(
+    spec: objective.LossSpec,
+    generator: tuple[nnx.GraphDef, nnx.State],
+    question_encoder: QuestionEncoderFn | None,
+    batch: Batch,
+    dropout_key: jax.Array | None = None,
 ) -> jax.Array:
-    """RAG-Token or RAG-Sequence loss (see ``rag_jax.rag.objective``)."""
-    if variant == "token":
-        if exclude_bos_score:
-            raise ValueError("exclude_bos_score applies to RAG-Sequence only (as in transformers)")
-        return objective.rag_token_loss(
-            logits_BxKxTxV, doc_scores_BxK, labels_BxT,
-            pad_token_id=pad_token_id, epsilon=epsilon, reduce=reduce, form=form,
-        )  # fmt: skip
-    if variant == "sequence":
-        return objective.rag_sequence_loss(
-            logits_BxKxTxV, doc_scores_BxK, labels_BxT,
-            pad_token_id=pad_token_id, bos_token_id=bos_token_id, epsilon=epsilon,
-            exclude_bos_score=exclude_bos_score, reduce=reduce, form=form,
-        )  # fmt: skip
-    raise ValueError(f"variant={variant!r}: expected 'token' or 'sequence'")
+    """The loss per example ``[B]`` (float32) of ``batch`` under ``spec``: decoder inputs from the
+    labels, the generator pass (per document for RAG), the doc scores, the objective. The one loss
+    composition, used by training (``rag_jax.training.step.Trainer``) and by ``RagModel.loss``.
+
+    ``generator``: the generator's graph and state (parameters and buffers). ``question_encoder``
+    scores a ``DenseRagBatch``'s documents (``doc_scores_from_embeddings``), so the gradient reaches
+    it; other batches do not use it (None is fine). The batch type must fit ``spec.variant``:
+    ``Seq2SeqBatch`` for "closed_book", ``DenseRagBatch`` or ``FixedScoreRagBatch`` for RAG. With
+    ``dropout_key`` dropout is on: it splits into a key for the question encoder and one for the
+    generator (which draws one per document).
+    """
+    expected = (Seq2SeqBatch,) if spec.variant == "closed_book" else (DenseRagBatch, FixedScoreRagBatch)
+    if not isinstance(batch, expected):
+        names = " or ".join(t.__name__ for t in expected)
+        raise TypeError(f"a {spec.variant!r} loss takes a {names}, got a {type(batch).__name__}")
+    encoder_key, generator_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    decoder_input_ids_BxT, _, _ = objective.decoder_inputs_and_targets(
+        batch.labels_BxT, form=spec.form, pad_token_id=spec.pad_token_id,
+        decoder_start_token_id=spec.decoder_start_token_id,
+    )  # fmt: skip
+    if isinstance(batch, Seq2SeqBatch):
+        logits_BxTxV = generator_logits(
+            *generator, batch.input_ids_BxS, batch.attention_mask_BxS, decoder_input_ids_BxT, dropout_key=generator_key
+        )
+        return objective.seq2seq_nll(
+            logits_BxTxV, batch.labels_BxT, pad_token_id=spec.pad_token_id, epsilon=spec.epsilon, form=spec.form
+        )
+    if isinstance(batch, FixedScoreRagBatch):
+        doc_scores_BxK = batch.doc_scores_BxK
+    elif question_encoder is None:
+        raise ValueError("a DenseRagBatch is scored by the question encoder: pass question_encoder")
+    else:
+        q_BxD = question_encoder(
+            batch.question_input_ids_BxQ, batch.question_attention_mask_BxQ, dropout_key=encoder_key
+        )
+        doc_scores_BxK = doc_scores_from_embeddings(q_BxD, batch.doc_embeddings_BxKxD)
+    logits_BxKxTxV = per_doc_logits(
+        *generator, batch.context_input_ids_BxKxS, batch.context_attention_mask_BxKxS, decoder_input_ids_BxT,
+        dropout_key=generator_key,
+    )  # fmt: skip
+    return objective.marginal_nll(spec, logits_BxKxTxV, doc_scores_BxK, batch.labels_BxT)
 
 
 def unflatten_docs(x_NxS: jax.Array, n_docs: int) -> jax.Array:
@@ -125,7 +173,7 @@ class RagModel:
     config: RagConfig = RagConfig()
     variant: Variant = "token"
     hf_config: dict | None = None
-    # jitted loss functions by (variant, n_docs, epsilon, exclude_bos_score, reduce, form), built once each
+    # jitted loss functions by (LossSpec, reduce), built once each
     _loss_jits: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -133,34 +181,20 @@ class RagModel:
         rag_bos = (self.hf_config or {}).get("bos_token_id")
         return rag_bos if rag_bos is not None else self.generator.config.bos_token_id
 
-    def _loss_fn(self, variant, n_docs, epsilon, exclude_bos_score, reduce, form):
-        """``(jitted loss(state, context ids, context mask, doc_scores, labels), current generator state)``;
-        the jitted function is built once per setting and kept (one compilation per shape)."""
-        graphdef, state = self.generator.split()
-        key = (variant, n_docs, epsilon, exclude_bos_score, reduce, form)
-        if key not in self._loss_jits:
-            self._loss_jits[key] = self._build_loss_fn(graphdef, *key)
-        return self._loss_jits[key], state
-
-    def _build_loss_fn(self, graphdef, variant, n_docs, epsilon, exclude_bos_score, reduce, form):
+    def loss_spec(
+        self,
+        variant: objective.LossVariant | None = None,
+        epsilon: float = 0.0,
+        exclude_bos_score: bool = False,
+        form: objective.Form = objective.PARITY_FORM,
+    ) -> objective.LossSpec:
+        """The ``LossSpec`` of ``variant`` (default the model's) with this model's special tokens."""
         gen_cfg = self.generator.config
-
-        def loss(state, context_input_ids, context_attention_mask, doc_scores_BxK, labels_BxT):
-            decoder_input_ids_BxT, _, _ = objective.decoder_inputs_and_targets(
-                labels_BxT, form=form, pad_token_id=gen_cfg.pad_token_id,
-                decoder_start_token_id=gen_cfg.decoder_start_token_id,
-            )  # fmt: skip
-            logits_BxKxTxV = per_doc_logits(
-                graphdef, state, unflatten_docs(context_input_ids, n_docs),
-                unflatten_docs(context_attention_mask, n_docs), decoder_input_ids_BxT,
-            )  # fmt: skip
-            return marginal_nll(
-                logits_BxKxTxV, doc_scores_BxK, labels_BxT, variant=variant, pad_token_id=gen_cfg.pad_token_id,
-                bos_token_id=self.bos_token_id, epsilon=epsilon, exclude_bos_score=exclude_bos_score,
-                reduce=reduce, form=form,
-            )  # fmt: skip
-
-        return jax.jit(loss)
+        return objective.LossSpec(
+            variant or self.variant, pad_token_id=gen_cfg.pad_token_id, bos_token_id=self.bos_token_id,
+            decoder_start_token_id=gen_cfg.decoder_start_token_id, epsilon=epsilon,
+            exclude_bos_score=exclude_bos_score, form=form,
+        )  # fmt: skip
 
     def loss(
         self,
@@ -177,11 +211,26 @@ class RagModel:
     ) -> jax.Array:
         """The RAG loss, as ``Rag{Token,Sequence}ForGeneration(...).loss`` computes it with the same
         arguments (``form="hf"``): context ids/mask ``[B * K, S]`` (document fastest), doc_scores
-        ``[B, K]``, labels ``[B, T]``. Returns ``[B]``, or the batch sum when ``reduce``."""
-        fn, state = self._loss_fn(
-            variant or self.variant, n_docs or self.config.n_docs, epsilon, exclude_bos_score, reduce, form
+        ``[B, K]``, labels ``[B, T]``. Returns ``[B]``, or the batch sum when ``reduce``. A
+        ``FixedScoreRagBatch`` through ``per_example_loss`` (jitted once per setting)."""
+        n_docs = n_docs or self.config.n_docs
+        ids_NxS, mask_NxS, doc_scores_BxK, labels_BxT = map(
+            jnp.asarray, (context_input_ids, context_attention_mask, doc_scores, labels)
         )
-        return fn(state, *map(jnp.asarray, (context_input_ids, context_attention_mask, doc_scores, labels)))
+        batch = FixedScoreRagBatch(
+            doc_scores_BxK=doc_scores_BxK, context_input_ids_BxKxS=unflatten_docs(ids_NxS, n_docs),
+            context_attention_mask_BxKxS=unflatten_docs(mask_NxS, n_docs), labels_BxT=labels_BxT,
+        )  # fmt: skip
+        spec = self.loss_spec(variant, epsilon, exclude_bos_score, form)
+        graphdef, state = self.generator.split()
+        if (spec, reduce) not in self._loss_jits:
+
+            def loss(state, batch):
+                losses_B = per_example_loss(spec, (graphdef, state), None, batch)
+                return jnp.sum(losses_B) if reduce else losses_B
+
+            self._loss_jits[spec, reduce] = jax.jit(loss)
+        return self._loss_jits[spec, reduce](state, batch)
 
     def generation_options(
         self, variant: Variant | None = None, options: SearchOptions | None = None, **overrides

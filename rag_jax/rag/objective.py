@@ -54,7 +54,8 @@ sequence, and it does not throw away one-token targets, which short factoid answ
 and no gradient to the retriever). ``PARITY_FORM`` ("hf") is for checking against transformers and
 for fine-tuning from recipes tuned with it. The functions default to ``PARITY_FORM``; callers that
 train pass ``form=TRAINING_FORM`` (the model must build its decoder inputs with the same form,
-through ``decoder_inputs_and_targets``).
+through ``decoder_inputs_and_targets``). A ``LossSpec`` holds these settings for a whole loss
+(``marginal_nll`` reads one; ``rag_jax.rag.model.per_example_loss`` composes the full loss from one).
 
 Cost
 ----
@@ -68,6 +69,7 @@ float32 whatever the logits' dtype. A static ``epsilon == 0`` also keeps ``-inf`
 vocabulary entries) from turning the unused smoothing term into ``0 * inf = nan``.
 """
 
+import dataclasses
 from typing import Literal, NamedTuple
 
 import jax
@@ -84,6 +86,32 @@ PARITY_FORM: Form = "hf"
 
 IGNORE_INDEX = -100
 """Label value treated exactly like ``pad_token_id``."""
+
+LossVariant = Literal["token", "sequence", "closed_book"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """Everything a loss computes besides its arrays (hashable: a static argument of jitted functions).
+
+    ``variant``: RAG-Token or RAG-Sequence (``marginal_nll``), or the closed-book seq2seq baseline
+    (``seq2seq_nll``). ``epsilon`` (label smoothing), ``exclude_bos_score`` (RAG-Sequence only) and
+    ``form`` as in the loss functions; ``decoder_start_token_id`` is read by ``form="paper"`` only.
+    """
+
+    variant: LossVariant
+    pad_token_id: int
+    bos_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    epsilon: float = 0.0
+    exclude_bos_score: bool = False
+    form: Form = PARITY_FORM
+
+    def __post_init__(self):
+        if self.variant not in ("token", "sequence", "closed_book"):
+            raise ValueError(f"variant={self.variant!r}: expected 'token', 'sequence' or 'closed_book'")
+        if self.exclude_bos_score and self.variant == "token":
+            raise ValueError("exclude_bos_score applies to RAG-Sequence only (as in transformers)")
 
 
 def doc_log_prior(doc_scores_BxK: jax.Array) -> jax.Array:
@@ -189,6 +217,24 @@ def rag_token_loss(
     marginal_sum_BxT = jnp.sum(marginal_log_probs(logits_BxKxTxV, doc_scores_BxK), axis=-1)
     smooth_B = -jnp.sum(jnp.where(mask_BxT, marginal_sum_BxT, 0.0), axis=-1)
     return _combine(nll_B, smooth_B, epsilon, vocab_size, reduce)
+
+
+def marginal_nll(
+    spec: LossSpec, logits_BxKxTxV: jax.Array, doc_scores_BxK: jax.Array, labels_BxT: jax.Array
+) -> jax.Array:
+    """``spec``'s RAG loss per example ``[B]``: ``rag_token_loss`` or ``rag_sequence_loss`` with its settings."""
+    if spec.variant == "token":
+        return rag_token_loss(
+            logits_BxKxTxV, doc_scores_BxK, labels_BxT,
+            pad_token_id=spec.pad_token_id, epsilon=spec.epsilon, form=spec.form,
+        )  # fmt: skip
+    if spec.variant == "sequence":
+        return rag_sequence_loss(
+            logits_BxKxTxV, doc_scores_BxK, labels_BxT,
+            pad_token_id=spec.pad_token_id, bos_token_id=spec.bos_token_id, epsilon=spec.epsilon,
+            exclude_bos_score=spec.exclude_bos_score, form=spec.form,
+        )  # fmt: skip
+    raise ValueError(f"a {spec.variant!r} loss has no documents to marginalise over")
 
 
 def seq2seq_nll(

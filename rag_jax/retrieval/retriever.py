@@ -5,8 +5,8 @@
 training loop passes its current ones without recompiling), the index search, the retrieved rows'
 stored embeddings and passages, and the generator's context strings and tokens
 (``rag_jax.retrieval.context``, transformers' ``RagRetriever`` format). Everything comes back as
-NumPy arrays in a ``RetrievedBatch``; ``train_batch`` turns one into the dict ``rag_jax.training.step``'s
-step takes.
+NumPy arrays in a ``RetrievedBatch``; ``train_batch`` turns one and its labels into the typed batch
+(``rag_jax.rag.batches``) ``rag_jax.training.step``'s step takes.
 
 As in transformers, the question text joined to each passage is the question tokenizer's decoding
 of the question ids (``skip_special_tokens=True``): lower-cased by an uncased BERT tokenizer,
@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rag_jax.models.encoder import Encoder
+from rag_jax.rag.batches import DenseRagBatch, FixedScoreRagBatch, RagBatch
 from rag_jax.retrieval.context import ContextFormat, context_strings, tokenize_contexts
 from rag_jax.retrieval.corpus import Passage
 
@@ -56,28 +57,28 @@ class RetrievedBatch:
     passages: list[list[Passage]]
 
 
-def train_batch(retrieved: RetrievedBatch, labels_BxT) -> dict[str, np.ndarray]:
-    """The batch dict ``rag_jax.training.step.Trainer.train_step`` takes: question ids/mask ``[B, Sq]`` and
-    ``doc_embeddings [B, K, D]`` (float32) for the step to score, or, from a lexical index, the
-    fixed ``doc_scores [B, K]``; context ids/mask ``[B, K, S]`` and ``labels [B, T]``."""
+def train_batch(retrieved: RetrievedBatch, labels_BxT) -> RagBatch:
+    """The batch ``rag_jax.training.step.Trainer.train_step`` takes: a ``DenseRagBatch`` (question
+    ids/mask ``[B, Q]`` and ``doc_embeddings [B, K, D]`` (float32) for the step to score), or, from a
+    lexical index, a ``FixedScoreRagBatch`` (the index's ``doc_scores [B, K]``); with the context
+    ids/mask ``[B, K, S]`` and ``labels [B, T]`` (int32)."""
     labels_BxT = np.asarray(labels_BxT)
     batch_size = retrieved.doc_ids_BxK.shape[0]
     if labels_BxT.ndim != 2 or labels_BxT.shape[0] != batch_size:
         raise ValueError(f"labels must be [B={batch_size}, T], got shape {labels_BxT.shape}")
-    if retrieved.doc_embeddings_BxKxD is None:
-        scoring = {"doc_scores": retrieved.doc_scores_BxK}
-    else:
-        scoring = {
-            "question_input_ids": retrieved.question_input_ids_BxSq,
-            "question_attention_mask": retrieved.question_attention_mask_BxSq,
-            "doc_embeddings": retrieved.doc_embeddings_BxKxD,
-        }
-    return {
-        **scoring,
-        "context_input_ids": retrieved.context_input_ids_BxKxS,
-        "context_attention_mask": retrieved.context_attention_mask_BxKxS,
-        "labels": labels_BxT.astype(np.int32),
+    contexts_and_labels = {
+        "context_input_ids_BxKxS": retrieved.context_input_ids_BxKxS,
+        "context_attention_mask_BxKxS": retrieved.context_attention_mask_BxKxS,
+        "labels_BxT": labels_BxT.astype(np.int32),
     }
+    if retrieved.doc_embeddings_BxKxD is None:
+        return FixedScoreRagBatch(doc_scores_BxK=retrieved.doc_scores_BxK, **contexts_and_labels)
+    return DenseRagBatch(
+        question_input_ids_BxQ=retrieved.question_input_ids_BxSq,
+        question_attention_mask_BxQ=retrieved.question_attention_mask_BxSq,
+        doc_embeddings_BxKxD=retrieved.doc_embeddings_BxKxD,
+        **contexts_and_labels,
+    )
 
 
 def gather_rows(embeddings, rows: np.ndarray) -> np.ndarray:

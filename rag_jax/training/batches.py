@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from rag_jax.data import qa as data
+from rag_jax.rag.batches import RagBatch, Seq2SeqBatch
 
 
 def label_ids(generator_tokenizer, examples: list[data.QAExample], max_length: int) -> np.ndarray:
@@ -14,13 +15,13 @@ def label_ids(generator_tokenizer, examples: list[data.QAExample], max_length: i
     return tok["input_ids"]
 
 
-def closed_book_batch(cfg, generator_tokenizer, examples: list[data.QAExample]) -> dict:
+def closed_book_batch(cfg, generator_tokenizer, examples: list[data.QAExample]) -> Seq2SeqBatch:
     q = generator_tokenizer([ex.question for ex in examples], padding="max_length", truncation=True,
                             max_length=cfg.data.max_source_length, return_tensors="np")  # fmt: skip
-    return {"input_ids": q["input_ids"], "attention_mask": q["attention_mask"],
-            "labels": label_ids(generator_tokenizer, examples, cfg.data.max_target_length)}  # fmt: skip
+    return Seq2SeqBatch(input_ids_BxS=q["input_ids"], attention_mask_BxS=q["attention_mask"],
+                        labels_BxT=label_ids(generator_tokenizer, examples, cfg.data.max_target_length))  # fmt: skip
 
 
-def rag_batch(cfg, retriever, generator_tokenizer, examples: list[data.QAExample], encoder_params) -> dict:
+def rag_batch(cfg, retriever, generator_tokenizer, examples: list[data.QAExample], encoder_params) -> RagBatch:
     retrieved = retriever.retrieve([ex.question for ex in examples], query_encoder_params=encoder_params)
     return retriever.train_batch(retrieved, label_ids(generator_tokenizer, examples, cfg.data.max_target_length))

@@ -46,7 +46,7 @@ def evaluate(cfg, model: RagModel, examples: list[data.QAExample], *, generator_
         passages = None
         if retriever is None:
             b = closed_book_batch(cfg, generator_tokenizer, chunk)
-            out = generate_seq2seq(model.generator, b["input_ids"], b["attention_mask"],
+            out = generate_seq2seq(model.generator, b.input_ids_BxS, b.attention_mask_BxS,
                                    num_beams=e.num_beams, max_length=e.max_length)  # fmt: skip
         else:
             r = retriever.retrieve([ex.question for ex in chunk], k=e.k,

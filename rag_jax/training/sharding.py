@@ -147,15 +147,19 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def batch_shardings(batch: Any, mesh: Mesh) -> Any:
+    """``batch_sharding`` of every leaf of a batch (a ``rag_jax.rag.batches`` type, or any pytree)."""
+    return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)), batch)
+
+
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Place a host batch on the mesh. Multi-host: each process passes its own slice of the
     global batch (rows process_index * n ... ), assembled into one global array."""
 
-    def place(x):
+    def place(x, sharding):
         x = np.asarray(x)
-        sharding = batch_sharding(mesh, x.ndim)
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
         return jax.make_array_from_process_local_data(sharding, x)
 
-    return jax.tree.map(place, batch)
+    return jax.tree.map(place, batch, batch_shardings(batch, mesh))

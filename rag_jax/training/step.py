@@ -7,33 +7,34 @@ documents' embeddings, and the step recomputes ``doc_scores = q(x) . d(z)`` from
 loss's gradient reaches the query encoder. The generator's graph (architecture, compute dtype,
 remat) and its non-trainable buffer (``final_logits_bias``) are fixed per ``Trainer``.
 
-Batches are dicts of arrays:
+Batches are typed (``rag_jax.rag.batches``) and the loss is ``rag_jax.rag.model.per_example_loss``,
+which dispatches on the batch's type (static under ``jit``):
 
-* RAG: ``question_input_ids`` / ``question_attention_mask`` ``[B, Sq]``, ``doc_embeddings``
-  ``[B, K, D]``, ``context_input_ids`` / ``context_attention_mask`` ``[B, K, S]``, ``labels``
-  ``[B, T]``; from a fixed retriever (BM25), ``doc_scores`` ``[B, K]`` instead of the question ids
-  and doc embeddings (the loss then gives the question encoder no gradient: freeze it);
-* closed-book (``variant="closed_book"``, the paper's BART baseline, k = 0): ``input_ids`` /
-  ``attention_mask`` ``[B, S]`` (the question alone) and ``labels``.
+* ``DenseRagBatch``: the step scores the retrieved documents from the question ids and the
+  documents' embeddings;
+* ``FixedScoreRagBatch``: from a fixed retriever (BM25), fixed ``doc_scores`` (the loss then gives
+  the question encoder no gradient: freeze it);
+* ``Seq2SeqBatch``: closed-book (``variant="closed_book"``, the paper's BART baseline, k = 0), the
+  question alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rag_jax.config import TrainConfig
 from rag_jax.models.bart import Bart
-from rag_jax.rag import objective
-from rag_jax.rag.model import RagModel, doc_scores_from_embeddings, marginal_nll, per_doc_logits, question_vectors
+from rag_jax.rag.batches import Batch
+from rag_jax.rag.model import RagModel, per_example_loss, question_vectors
 from rag_jax.training import sharding
 from rag_jax.training.optim import global_norm, make_optimizer
 
@@ -81,6 +82,7 @@ class Trainer:
         self.graphdef = nnx.split(abstract, nnx.Param, ...)[0]
         _, gen_params, buffers = nnx.split(model.generator.model, nnx.Param, ...)
         self.source_model = model
+        self.loss_spec = model.loss_spec(cfg.variant, cfg.epsilon, cfg.exclude_bos_score, cfg.form)
         self._initial_params = {
             "query_encoder": model.question_encoder.params,
             "generator": nnx.to_pure_dict(gen_params),
@@ -89,7 +91,7 @@ class Trainer:
         self.buffers = jax.device_put(nnx.to_pure_dict(buffers), replicated)
         rates = {} if cfg.query_encoder_learning_rate is None else {"query_encoder": cfg.query_encoder_learning_rate}
         self.tx = make_optimizer(cfg.optimizer, _param_groups(cfg), rates)
-        self._step = None
+        self._steps = {}  # the jitted step by batch type
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -127,48 +129,23 @@ class Trainer:
 
     # -- loss ----------------------------------------------------------------------------------
 
-    def per_example_loss(self, params, batch, dropout_key) -> jax.Array:
+    def per_example_loss(self, params, batch: Batch, dropout_key) -> jax.Array:
         """Loss per example ``[B]`` (float32); dropout on when ``dropout_key`` is given."""
-        cfg = self.cfg
-        gen_state = params["generator"]
-        keys = [None, None] if dropout_key is None else list(jax.random.split(dropout_key))
-        if cfg.variant == "closed_book":
-            decoder_input_ids, _, _ = self._decoder_inputs(batch["labels"])
-            model = nnx.merge(self.graphdef, gen_state, self.buffers)
-            rngs = None if keys[1] is None else nnx.Rngs(dropout=keys[1])
-            logits_BxTxV = model(
-                batch["input_ids"], batch["attention_mask"], decoder_input_ids, deterministic=rngs is None, rngs=rngs
-            )
-            return objective.seq2seq_nll(
-                logits_BxTxV, batch["labels"], pad_token_id=self.gen_cfg.pad_token_id, epsilon=cfg.epsilon, form=cfg.form
-            )
-        if "doc_scores" in batch:
-            doc_scores_BxK = batch["doc_scores"]
-        else:
-            qe_params = params["query_encoder"]
-            if cfg.freeze_query_encoder:
-                qe_params = jax.lax.stop_gradient(qe_params)
-            q_BxD = question_vectors(
-                qe_params, batch["question_input_ids"], batch["question_attention_mask"], encoder=self.encoder,
-                dropout_key=keys[0], compute_dtype=self.compute_dtype, remat=cfg.remat,
-            )  # fmt: skip
-            doc_scores_BxK = doc_scores_from_embeddings(q_BxD, batch["doc_embeddings"])
-        decoder_input_ids, _, _ = self._decoder_inputs(batch["labels"])
-        logits_BxKxTxV = per_doc_logits(
-            self.graphdef, {**gen_state, **self.buffers}, batch["context_input_ids"], batch["context_attention_mask"],
-            decoder_input_ids, dropout_key=keys[1],
-        )  # fmt: skip
-        return marginal_nll(
-            logits_BxKxTxV, doc_scores_BxK, batch["labels"], variant=cfg.variant,
-            pad_token_id=self.gen_cfg.pad_token_id, bos_token_id=self.gen_cfg.bos_token_id, epsilon=cfg.epsilon,
-            exclude_bos_score=cfg.exclude_bos_score, form=cfg.form,
-        )  # fmt: skip
+        generator = (self.graphdef, {**params["generator"], **self.buffers})
+        question_encoder = self._question_encoder(params["query_encoder"])
+        return per_example_loss(self.loss_spec, generator, question_encoder, batch, dropout_key)
 
-    def _decoder_inputs(self, labels_BxT):
-        return objective.decoder_inputs_and_targets(
-            labels_BxT, form=self.cfg.form, pad_token_id=self.gen_cfg.pad_token_id,
-            decoder_start_token_id=self.gen_cfg.decoder_start_token_id,
-        )  # fmt: skip
+    def _question_encoder(self, encoder_params):
+        """The question encoder with ``encoder_params`` (no gradient when frozen), as ``per_example_loss`` calls it."""
+        if self.cfg.freeze_query_encoder:
+            encoder_params = jax.lax.stop_gradient(encoder_params)
+        return functools.partial(
+            question_vectors,
+            encoder_params,
+            encoder=self.encoder,
+            compute_dtype=self.compute_dtype,
+            remat=self.cfg.remat,
+        )
 
     def _loss_and_grads(self, params, batch, dropout_key):
         def loss_fn(params):
@@ -180,7 +157,7 @@ class Trainer:
 
     # -- step ----------------------------------------------------------------------------------
 
-    def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         n = self.cfg.grad_accum_steps
         rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
         if n == 1:
@@ -211,25 +188,22 @@ class Trainer:
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
         return new_state, metrics
 
-    def batch_shardings(self, batch: dict) -> dict:
-        return {k: sharding.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
-
-    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        """One optimizer step (jitted; ``state`` and ``batch`` are donated: do not reuse them)."""
+    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        """One optimizer step (jitted once per batch type; ``state`` and ``batch`` are donated: do not reuse them)."""
         batch_size = jax.tree.leaves(batch)[0].shape[0]
         if batch_size % self.cfg.grad_accum_steps:
             raise ValueError(f"batch size {batch_size} is not a multiple of grad_accum_steps {self.cfg.grad_accum_steps}")
-        if self._step is None:
+        if type(batch) not in self._steps:
             state_shardings = self.state_shardings(state)
-            self._step = jax.jit(
+            self._steps[type(batch)] = jax.jit(
                 self._train_step,
-                in_shardings=(state_shardings, self.batch_shardings(batch)),
+                in_shardings=(state_shardings, sharding.batch_shardings(batch, self.mesh)),
                 out_shardings=(state_shardings, NamedSharding(self.mesh, P())),
                 donate_argnums=(0, 1),
             )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            return self._step(state, sharding.shard_batch(batch, self.mesh))
+            return self._steps[type(batch)](state, sharding.shard_batch(batch, self.mesh))
 
     def to_model(self, params: dict) -> RagModel:
         """A ``RagModel`` with the given trainable parameters (for evaluation, generation, export);
@@ -240,6 +214,6 @@ class Trainer:
         question_encoder = dataclasses.replace(self.source_model.question_encoder, params=params["query_encoder"])
         return dataclasses.replace(self.source_model, question_encoder=question_encoder, generator=generator)
 
-    def eval_loss(self, params, batch) -> jax.Array:
+    def eval_loss(self, params, batch: Batch) -> jax.Array:
         """Per-example loss without dropout (not jitted here: wrap in ``jax.jit`` as needed)."""
         return self.per_example_loss(params, batch, None)

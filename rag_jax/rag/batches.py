@@ -1,0 +1,53 @@
+"""The batches the loss reads, one type per kind (registered dataclasses: pytrees of arrays).
+
+* ``DenseRagBatch``: a dense retriever's batch. The loss scores the retrieved documents itself,
+  ``doc_scores = q(x) . d(z)`` from the question and the documents' stored embeddings, so its gradient
+  reaches the question encoder.
+* ``FixedScoreRagBatch``: documents with fixed scores (a lexical retriever such as BM25, or
+  transformers' ``doc_scores`` argument); the question encoder gets no gradient.
+* ``Seq2SeqBatch``: the closed-book baseline (k = 0): the question alone is the generator's input.
+
+Every field's name ends with its shape (B examples, Q question tokens, K documents, D embedding
+dims, S input tokens, T label tokens); the leading axis is always the batch, so shardings and
+micro-batch splits are tree maps over a batch. The type is part of the pytree structure, so a
+jitted function that dispatches on it with ``isinstance`` traces one program per kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax.typing import ArrayLike
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseRagBatch:
+    question_input_ids_BxQ: ArrayLike
+    question_attention_mask_BxQ: ArrayLike
+    doc_embeddings_BxKxD: ArrayLike
+    context_input_ids_BxKxS: ArrayLike
+    context_attention_mask_BxKxS: ArrayLike
+    labels_BxT: ArrayLike
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FixedScoreRagBatch:
+    doc_scores_BxK: ArrayLike
+    context_input_ids_BxKxS: ArrayLike
+    context_attention_mask_BxKxS: ArrayLike
+    labels_BxT: ArrayLike
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqBatch:
+    input_ids_BxS: ArrayLike
+    attention_mask_BxS: ArrayLike
+    labels_BxT: ArrayLike
+
+
+RagBatch = DenseRagBatch | FixedScoreRagBatch
+Batch = DenseRagBatch | FixedScoreRagBatch | Seq2SeqBatch
