@@ -299,6 +299,8 @@ class _Stack(nnx.Module):
     the layers."""
 
     def __init__(self, cfg: BartConfig, make_layer, num_layers: int, *, rngs: nnx.Rngs, param_dtype, remat: bool):
+        self.layers = _stacked_layers(make_layer, num_layers, rngs)  # drawn first, as the layers always were
+        self.num_layers = num_layers
         self.embed_positions = nnx.Embed(
             cfg.max_position_embeddings + POSITION_OFFSET,
             cfg.d_model,
@@ -307,8 +309,6 @@ class _Stack(nnx.Module):
             rngs=rngs,
         )
         self.layernorm_embedding = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
-        self.layers = _stacked_layers(make_layer, num_layers, rngs)
-        self.num_layers = num_layers
         self.layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype) if cfg.normalize_before else None
         self.dropout_rate = cfg.dropout
         self.remat = remat
