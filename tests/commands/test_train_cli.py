@@ -97,7 +97,8 @@ def test_train_eval_export_end_to_end(task, tmp_path, capsys):
     data_files = list((damaged / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d").iterdir())
     largest = max(data_files, key=lambda f: f.stat().st_size)
     os.truncate(largest, largest.stat().st_size // 2)
-    fallback = rag_jax_process(["eval", "--run", str(damaged), "--split", "test"], 8, stderr=subprocess.PIPE)
+    args = ["eval", "--run", str(damaged), "--split", "test", f"--config.run_dir={damaged}"]
+    fallback = rag_jax_process(args, 8, stderr=subprocess.PIPE)
     output, errors = fallback.communicate(timeout=300)
     assert fallback.returncode == 0 and json.loads(output.strip().splitlines()[-1])["step"] == 4, errors[-3000:]
     lines = [line for line in errors.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
