@@ -1,23 +1,29 @@
 """Logging for the ``rag-jax`` command: quiet by default, everything when asked.
 
 By default rag_jax's own messages are bare lines (stage lines at INFO; ``warning: ...`` and
-``error: ...`` above), and the libraries' chatter is hidden: absl (orbax's checkpoint logs; orbax
-raises what goes wrong, and rag_jax reports it) below CRITICAL, jax below WARNING (its backend probes,
-e.g. "Unable to initialize backend 'tpu'", are INFO), transformers below ERROR (its advisory notices,
-e.g. "PyTorch was not found").
+``error: ...`` above) and the libraries log only warnings and errors (none of jax's backend probes,
+e.g. "Unable to initialize backend 'tpu'", nor matplotlib's font cache notes); absl, which carries
+orbax's checkpoint logs, is silent below CRITICAL (orbax raises what goes wrong, and rag_jax reports
+it), transformers below ERROR (no advisory notices such as "PyTorch was not found").
 
 ``--verbose``, or ``RAG_JAX_LOG_LEVEL=<level>`` (DEBUG, INFO, ...), puts every logger at that level
 (INFO for ``--verbose``) with time, level and logger name, and ``rag-jax`` then prints a traceback
 with an error.
+
+Records are written with ``tqdm.write``, so a line logged during a progress bar does not run into it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Mapping
+
+from tqdm import tqdm
 
 LEVEL_VARIABLE = "RAG_JAX_LOG_LEVEL"
-QUIET_LIBRARIES = {"absl": logging.CRITICAL, "jax": logging.WARNING, "transformers": logging.ERROR}
+QUIET_LEVELS = {"rag_jax": logging.INFO, "absl": logging.CRITICAL, "transformers": logging.ERROR}
 VERBOSE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -29,7 +35,18 @@ class _ShortFormatter(logging.Formatter):
         return message if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {message}"
 
 
-def verbose_level(flag: bool, environ: dict[str, str] | os._Environ = os.environ) -> int | None:
+class _ProgressBarSafeHandler(logging.Handler):
+    """Writes each record to the current ``sys.stderr`` above any progress bar (``tqdm.write`` clears
+    the bars, writes, redraws)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 (logging's contract: report, never raise)
+            self.handleError(record)
+
+
+def verbose_level(flag: bool, environ: Mapping[str, str] = os.environ) -> int | None:
     """The level every logger is set to, or None for the quiet default."""
     name = environ.get(LEVEL_VARIABLE, "").strip().upper()
     if name:
@@ -43,12 +60,12 @@ def verbose_level(flag: bool, environ: dict[str, str] | os._Environ = os.environ
 def configure(level: int | None) -> None:
     """Set up logging for a ``rag-jax`` run at ``verbose_level(...)``. Call it before transformers is
     imported: its verbosity is read from the environment then."""
-    handler = logging.StreamHandler()
+    handler = _ProgressBarSafeHandler()
     handler.setFormatter(logging.Formatter(VERBOSE_FORMAT) if level is not None else _ShortFormatter("%(message)s"))
-    logging.basicConfig(level=logging.INFO if level is None else level, handlers=[handler], force=True)
-    transformers_level = QUIET_LIBRARIES["transformers"] if level is None else level
+    logging.basicConfig(level=logging.WARNING if level is None else level, handlers=[handler], force=True)
+    for name, quiet in QUIET_LEVELS.items():
+        logging.getLogger(name).setLevel(quiet if level is None else level)
+    transformers_level = logging.getLogger("transformers").level
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", logging.getLevelName(transformers_level).lower())
     if level is None:
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for name, quiet in QUIET_LIBRARIES.items():
-        logging.getLogger(name).setLevel(quiet if level is None else level)

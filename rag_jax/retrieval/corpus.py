@@ -242,7 +242,7 @@ def _save_npy(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def repeated_rows(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _repeated_rows(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(rows, firsts)``: the rows whose id an earlier row already has, in row order, and the first
     row with that id for each."""
     order = np.argsort(ids, kind="stable")
@@ -273,7 +273,7 @@ def build_sidecar(path: str, sidecar: str, *, format: str | None = None, strict:
         lengths.append(length)
         ids.add(passage.id)
     ids_array, lines_array = ids.array(), np.array(lines, dtype=np.int64)
-    rows, firsts = repeated_rows(ids_array)
+    rows, firsts = _repeated_rows(ids_array)
     for row, first in zip(rows.tolist(), firsts.tolist()):
         duplicates(int(lines_array[row]), f"duplicate id {ids_array[row]} (first at line {lines_array[first]})")
     duplicates.summary("line(s) with a repeated id")

@@ -81,9 +81,9 @@ def cases(root) -> list[tuple[list[str], str]]:
         expected = rf"rag-jax train: config.data.train \({at(name)}{line}\): {why}"
         return ["train", "--config", f"{config}:{root / name}"], expected
 
-    def corpus(name: str, why: str, *flags: str) -> tuple[list[str], str]:
+    def corpus(name: str, why: str, *flags: str, line: str = "") -> tuple[list[str], str]:
         args = ["embed", "--encoder", str(root / "none"), "--out", str(root / "emb"), "--passages", str(root / name)]
-        return [*args, *flags], rf"rag-jax embed: --passages \({at(name)}\): {why}"
+        return [*args, *flags], rf"rag-jax embed: --passages \({at(name)}{line}\): {why}"
 
     return [
         (["train", "--config", str(root / "nope.py")],
@@ -100,7 +100,7 @@ def cases(root) -> list[tuple[list[str], str]]:
         corpus("missing.tsv", "no such file"),
         corpus("folder.jsonl", "a directory, not a file"),
         corpus("empty_corpus.tsv", r"the file is empty \(no passages\)"),
-        corpus("dup.tsv", r"duplicate id 1 \(first at line 2\)", "--strict"),
+        corpus("dup.tsv", r"duplicate id 1 \(first at line 2\)", "--strict", line=":4"),
         (["build-index", "--embeddings", run, "--out", run, "--kind", "exact", "--num-leaves", "4"],
          r"rag-jax build-index: --num-leaves: apply to --kind scann only"),
         (["build-index", "--embeddings", str(root / "rag"), "--out", str(root / "index")],
