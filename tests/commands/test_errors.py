@@ -89,8 +89,7 @@ def cases(root) -> list[tuple[list[str], str]]:
         (["train", "--config", str(root / "nope.py")],
          rf"rag-jax train: config \({at('nope.py')}\): config file '{at('nope.py')}' does not exist"),
         (["train", "--config", f"{config}:x", "--config.train.stepz=3"],
-         rf"rag-jax train: config \({re.escape(config)}:x\): override '--config.train.stepz=3': no field "
-         "'train.stepz'"),
+         rf"rag-jax train: config \({re.escape(config)}:x\): override '--config.train.stepz=3': no field 'train"),
         train_data("missing.jsonl", "no such file"),
         train_data("folder.jsonl", "a directory, not a file"),
         train_data("empty.jsonl", r"the file is empty \(no examples\)"),
@@ -104,8 +103,7 @@ def cases(root) -> list[tuple[list[str], str]]:
         (["build-index", "--embeddings", run, "--out", run, "--kind", "exact", "--num-leaves", "4"],
          r"rag-jax build-index: --num-leaves: apply to --kind scann only"),
         (["build-index", "--embeddings", str(root / "rag"), "--out", str(root / "index")],
-         rf"rag-jax build-index: --embeddings \({at('rag')}\): no manifest.json: not a folder written by "
-         "`rag-jax embed`"),
+         rf"rag-jax build-index: --embeddings \({at('rag')}\): no manifest.json: not a folder written by `rag"),
         (["eval", "--run", str(root / "no-run")], rf"rag-jax eval: config \({at('no-run')}\): no run config at "),
         (["export", "--run", run, "--out", export],
          rf"rag-jax export: checkpoint \({at('run')}/checkpoints\): none is readable \(step 1: "),
