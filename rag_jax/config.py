@@ -34,6 +34,7 @@ from typing import Literal
 
 import ml_collections
 
+from rag_jax.errors import ConfigError
 from rag_jax.models.configs import RagConfig
 from rag_jax.rag import objective
 
@@ -304,7 +305,7 @@ def _check_choice(config: ml_collections.ConfigDict, field: str, choices) -> Non
     section, name = field.split(".")
     value = config[section][name]
     if value not in choices:
-        raise ValueError(f"config.{field} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise ConfigError(f"must be one of {', '.join(map(repr, choices))}; got {value!r}", what=f"config.{field}")
 
 
 def resolve(config: ml_collections.ConfigDict) -> RunSettings:
@@ -316,7 +317,7 @@ def resolve(config: ml_collections.ConfigDict) -> RunSettings:
         _check_choice(config, field, choices)
     t = config.train
     if t.grad_accum_steps < 1:
-        raise ValueError(f"config.train.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
+        raise ConfigError(f"must be >= 1, got {t.grad_accum_steps}", what="config.train.grad_accum_steps")
     optimizer = OptimizerConfig(
         learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.steps,
         end_learning_rate=t.end_learning_rate, decay_power=t.decay_power, weight_decay=t.weight_decay,

@@ -93,8 +93,8 @@ def test_resolve_builds_the_views_from_the_one_schema():
 @pytest.mark.parametrize("section, field, value", [("rag", "variant", "tokens"), ("train", "on_nonfinite", "ignore"),
                                                    ("train", "compute_dtype", "float16"), ("train", "form", "torch")])
 def test_resolve_refuses_values_outside_their_choices(section, field, value):
-    with pytest.raises(ValueError, match=rf"config.{section}.{field} must be one of .*; got '{value}'"):
+    with pytest.raises(ValueError, match=rf"config.{section}.{field}: must be one of .*; got '{value}'"):
         resolve(with_changes(default_config(), **{section: {field: value}}))
-    with pytest.raises(ValueError, match="grad_accum_steps must be >= 1"):
+    with pytest.raises(ValueError, match="grad_accum_steps: must be >= 1"):
         resolve(with_changes(default_config(), train={"grad_accum_steps": 0}))
 

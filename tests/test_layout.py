@@ -2,9 +2,9 @@
 no module imports a private name of another, and no import cycle exists (function-level imports
 included).
 
-Stack, lowest first: models, data -> rag -> retrieval, hf -> config -> training -> quickstart ->
-commands -> the top-level modules (rag_jax/__init__, cli, __main__). A module may import from its own
-package and from packages below it.
+Stack, lowest first: errors (the user-error classes every layer raises), models, data -> rag ->
+retrieval, hf -> config -> training -> quickstart -> commands -> the top-level modules
+(rag_jax/__init__, cli, __main__). A module may import from its own package and from packages below it.
 """
 
 import ast
@@ -13,8 +13,8 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "rag_jax"
-RANKS = {"models": 0, "data": 0, "rag": 1, "retrieval": 2, "hf": 2, "config": 3, "training": 4, "quickstart": 5,
-         "commands": 6}  # fmt: skip
+RANKS = {"errors": 0, "models": 0, "data": 0, "rag": 1, "retrieval": 2, "hf": 2, "config": 3, "training": 4,
+         "quickstart": 5, "commands": 6}  # fmt: skip
 TOP = 7  # rag_jax/__init__.py, cli.py, __main__.py
 
 

@@ -13,6 +13,8 @@ import argparse
 import os
 import time
 
+from rag_jax.errors import ConfigError, named_by
+
 INDEX_KINDS = ("scann", "exact")
 SCANN_OPTIONS = ("num_leaves", "leaves_to_search", "reorder_factor", "reorder_dtype")
 
@@ -31,9 +33,11 @@ def _embed(args: argparse.Namespace) -> int:
     from rag_jax.hf.encoder import load_encoder
     from rag_jax.retrieval import PassageStore, embed_passages, hf_tokenize_fn
 
-    encoder = load_encoder(args.encoder, pooling=args.pooling)
-    tokenizer = AutoTokenizer.from_pretrained(args.encoder)
-    with PassageStore.open(args.passages, format=args.format, strict=args.strict, progress=True) as store:
+    with named_by("--passages"):  # before the encoder loads, so a corpus mistake shows at once
+        store = PassageStore.open(args.passages, format=args.format, strict=args.strict, progress=True)
+    with store:
+        encoder = load_encoder(args.encoder, pooling=args.pooling)
+        tokenizer = AutoTokenizer.from_pretrained(args.encoder)
         start = time.perf_counter()
         manifest = embed_passages(
             store, encoder.encode, hf_tokenize_fn(tokenizer, args.max_length), args.out,
@@ -53,11 +57,11 @@ def _index_build_kwargs(args: argparse.Namespace) -> dict:
     scann = {name: getattr(args, name) for name in SCANN_OPTIONS if getattr(args, name) is not None}
     if args.kind == "scann":
         if args.dtype is not None:
-            raise SystemExit("rag-jax build-index: --dtype applies to --kind exact only")
+            raise ConfigError("applies to --kind exact only", what="--dtype")
         return scann
     if scann:
         flags = ", ".join("--" + name.replace("_", "-") for name in scann)
-        raise SystemExit(f"rag-jax build-index: {flags} apply to --kind scann only")
+        raise ConfigError("apply to --kind scann only", what=flags)
     return {"dtype": args.dtype or "float32"}
 
 
@@ -66,10 +70,13 @@ def _build_index(args: argparse.Namespace) -> int:
 
     build_kwargs = _index_build_kwargs(args)
     if args.passages:
-        with PassageStore.open(args.passages) as store:
+        with named_by("--passages"):
+            store = PassageStore.open(args.passages)
+        with store, named_by("--embeddings"):
             embeddings = load_embeddings(args.embeddings, mmap=True, store=store)
     else:
-        embeddings = load_embeddings(args.embeddings, mmap=True)
+        with named_by("--embeddings"):
+            embeddings = load_embeddings(args.embeddings, mmap=True)
     start = time.perf_counter()
     if args.shards > 1:
         index = build_sharded(embeddings, args.shards, kind=args.kind, **build_kwargs)
@@ -124,7 +131,7 @@ def register(sub) -> None:
     build.add_argument("--embeddings", required=True, help="folder written by `rag-jax embed`")
     build.add_argument("--out", required=True, help="output folder for the index")
     build.add_argument(
-        "--kind", required=True, choices=INDEX_KINDS, help="scann (host, approximate) or exact (on device)"
+        "--kind", default="scann", choices=INDEX_KINDS, help="scann (host, approximate; default) or exact (on device)"
     )
     build.add_argument(
         "--shards", type=int, default=1, help="split the rows into N independently built shards (default 1)"

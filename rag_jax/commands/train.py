@@ -14,13 +14,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
+
+from rag_jax.errors import ConfigError, UserError
+
+
+def _run_config(load: Callable, source: str, *args):
+    """``load(*args)``: a run config; a failure (a missing file, an unknown override, an exception in the
+    config file's own code) is a ``ConfigError`` about ``source``."""
+    try:
+        return load(*args)
+    except UserError:
+        raise
+    except Exception as e:  # a config file is user code: whatever it raises is the user's to fix
+        why = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        named = isinstance(e, (OSError, KeyError, ValueError, TypeError))  # config.py's messages say what is wrong
+        raise ConfigError(why if named else f"{type(e).__name__}: {why}", where=source) from e
 
 
 def _train(args: argparse.Namespace) -> int:
     from rag_jax.config import load_config
     from rag_jax.training import loop
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _run_config(load_config, args.config, args.config, args.overrides)
     metrics = loop.train(cfg, progress=not args.no_progress)
     print(json.dumps({"run_dir": cfg.run_dir, "dev": metrics}))
     return 0
@@ -30,13 +46,13 @@ def _eval(args: argparse.Namespace) -> int:
     from rag_jax.config import saved_run_config
     from rag_jax.training import components, evaluate
 
-    cfg = saved_run_config(args.run, args.overrides)
-    model, step = evaluate.load_trained_model(cfg, args.step)
+    cfg = _run_config(saved_run_config, args.run, args.run, args.overrides)
     question_tokenizer, generator_tokenizer = components.tokenizers(cfg)
+    examples = components.read_split(cfg, args.split)  # data mistakes show before the model loads
+    model, step = evaluate.load_trained_model(cfg, args.step)
     retriever = None
     if cfg.rag.variant != "closed_book":
         retriever = components.build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=cfg.eval.k)
-    examples = components.read_split(cfg, args.split)
     result, records = evaluate.evaluate(cfg, model, examples, generator_tokenizer=generator_tokenizer, retriever=retriever)
     out = args.predictions or os.path.join(cfg.run_dir, f"predictions_{args.split}_step{step}.jsonl")
     with open(out, "w") as f:
@@ -49,9 +65,8 @@ def _export(args: argparse.Namespace) -> int:
     from rag_jax.config import saved_run_config
     from rag_jax.training.export import export_run
 
-    if args.format != "hf":
-        raise ValueError(f"--format {args.format!r}: only 'hf' is supported")
-    step, notes = export_run(saved_run_config(args.run), args.out, step=args.step, link_corpus=args.link_corpus)
+    cfg = _run_config(saved_run_config, args.run, args.run)
+    step, notes = export_run(cfg, args.out, step=args.step, link_corpus=args.link_corpus)
     for note in notes:
         print("note:", note)
     print(f"exported step {step} of {args.run} to {args.out}")
@@ -74,7 +89,7 @@ def register(sub) -> None:
     export = sub.add_parser("export", help="export a run's checkpoint as a transformers RAG folder")
     export.add_argument("--run", required=True)
     export.add_argument("--out", required=True)
-    export.add_argument("--format", default="hf")
+    export.add_argument("--format", default="hf", choices=("hf",), help="transformers folders (the only format)")
     export.add_argument("--step", type=int, default=None)
     export.add_argument("--link-corpus", action="store_true", help="symlink passages/embeddings/index instead of copying")
     export.set_defaults(handler=_export)

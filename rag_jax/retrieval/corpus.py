@@ -8,13 +8,23 @@ File formats (one record per line; records never span lines, which DPR's files r
   double quotes, with inner quotes doubled (``"a ""b"" c"`` -> ``a "b" c``).
 * **JSONL**: one object per line with ``"id"`` and ``"text"`` (and ``"title"``, "" when missing).
 
+Files are UTF-8, with or without a byte order mark, with ``\n`` or ``\r\n`` line ends. A missing,
+unreadable or empty file (no record), or one without a usable record, raises ``InputFileError``
+naming it.
+
 Malformed lines: a line with the wrong column count, bad quoting, bad JSON, missing keys, bytes that
 are not UTF-8, or an empty text is **skipped and counted**. Each is logged (``logging``, logger
-``rag_jax.retrieval.corpus``) as ``path:line: reason``: the first 100 at WARNING, the rest at
-DEBUG, then one WARNING summary with the count. With ``strict=True`` the first one raises
-``MalformedLineError`` whose message is ``path:line: reason``. Blank lines are not records and are
-skipped silently. Row numbers count the *kept* records from 0, and are the same everywhere: the
-store's offsets, the embedding rows (``embed.py``) and the index ids.
+``rag_jax.retrieval.corpus``) as ``skipped path:line: reason``: the first 100 at WARNING, the rest
+at DEBUG, then one WARNING summary with the count. With ``strict=True`` the first one raises
+``MalformedLineError`` (``malformed line (path:line): reason``). Blank lines are not records and are
+skipped silently.
+
+Repeated ids: the **first** passage with an id is kept; each later one is skipped, counted and
+reported the same way as ``path:line: duplicate id X (first at line N)`` (``strict=True`` stops at
+the first). ``PassageStore`` applies this when it indexes the file, and everything reads the corpus
+through it (``read_passages``, ``embed``, ``build-index``, BM25, the retriever), so ids are unique
+everywhere. Row numbers count the *kept* records from 0, and are the same everywhere: the store's
+offsets, the embedding rows (``embed.py``) and the index ids.
 
 ``PassageStore`` gives random access without holding the text in Python: one scan of the file
 writes, in a sidecar folder ``<file>.idx/`` (or ``cache_dir``), the byte offset (int64) and length
@@ -33,16 +43,26 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from rag_jax.data.lines import BadLine, LineReporter, MalformedLineError, decode_line, tsv_fields
+from rag_jax.data.lines import (
+    BadLine,
+    LineReporter,
+    MalformedLineError,
+    decode_line,
+    numbered_lines,
+    open_input,
+    tsv_fields,
+)
+from rag_jax.errors import ConfigError, InputFileError
 
 logger = logging.getLogger(__name__)
 
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,15 +108,15 @@ def write_passages_tsv(passages: Iterable[Passage], path: str, first_id: int = 1
 def _detect_format(path: str, fmt: str | None) -> str:
     if fmt is not None:
         if fmt not in ("tsv", "jsonl"):
-            raise ValueError(f"format must be 'tsv' or 'jsonl', got {fmt!r}")
+            raise ConfigError(f"format must be 'tsv' or 'jsonl', got {fmt!r}")
         return fmt
     if path.endswith(".gz"):
-        raise ValueError(f"{path}: compressed files have no random access; decompress it first (gunzip)")
+        raise InputFileError("compressed files have no random access; decompress it first (gunzip)", where=path)
     if path.endswith((".jsonl", ".json")):
         return "jsonl"
     if path.endswith((".tsv", ".txt")):
         return "tsv"
-    raise ValueError(f"{path}: cannot tell the format from the name; pass format='tsv' or 'jsonl'")
+    raise InputFileError("cannot tell the format from the name; pass format='tsv' or 'jsonl'", where=path)
 
 
 class _TsvParser:
@@ -106,13 +126,13 @@ class _TsvParser:
         self.columns = tuple(columns)  # positions of id, text, title
         self.num_fields = num_fields
 
-    def header(self, line: str) -> bool:
-        """True (and columns set) when ``line`` is a header."""
+    def header(self, line: str, where: str) -> bool:
+        """True (and columns set) when ``line`` (at ``where``) is a header."""
         fields = tsv_fields(line)
         missing = [c for c in ("id", "text", "title") if c not in fields]
         if missing:
             if fields[0] == "id":
-                raise MalformedLineError(f"TSV header {fields} lacks the column(s) {missing}")
+                raise MalformedLineError(f"TSV header {fields} lacks the column(s) {missing}", where=where)
             return False
         self.columns = tuple(fields.index(c) for c in ("id", "text", "title"))
         self.num_fields = len(fields)
@@ -131,6 +151,8 @@ def _parse_jsonl(line: str) -> Passage:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise BadLine(f"bad JSON ({e})") from None
+    except RecursionError:
+        raise BadLine("bad JSON (nested too deeply)") from None
     if not isinstance(obj, dict) or "id" not in obj or "text" not in obj:
         raise BadLine('expected a JSON object with "id" and "text"')
     title = obj.get("title") or ""
@@ -139,21 +161,20 @@ def _parse_jsonl(line: str) -> Passage:
     return Passage(str(obj["id"]), title, obj["text"])
 
 
-def _scan(path: str, tsv: _TsvParser | None, report: LineReporter) -> Iterator[tuple[int, int, Passage]]:
-    """Yield ``(byte offset, byte length, passage)`` for every kept record, in file order. ``tsv``
-    is a fresh TSV parser (it learns the header), None for JSONL."""
-    header_checked = tsv is None
-    with open(path, "rb") as f:
-        offset = 0
-        for lineno, raw in enumerate(f, start=1):
-            start, offset = offset, offset + len(raw)
+def _scan(path: str, tsv: _TsvParser | None, report: LineReporter) -> Iterator[tuple[int, int, int, Passage]]:
+    """Yield ``(line, byte offset, byte length, passage)`` for every well-formed record, in file
+    order; ``InputFileError`` at the end when there was none. ``tsv`` is a fresh TSV parser (it
+    learns the header), None for JSONL."""
+    header_checked, kept = tsv is None, 0
+    with open_input(path) as f:
+        for lineno, start, raw in numbered_lines(f, path):
             if not raw.strip():
                 continue
             try:
                 line = decode_line(raw)
                 if not header_checked:
                     header_checked = True
-                    if tsv.header(line):
+                    if tsv.header(line, f"{path}:{lineno}"):
                         continue
                 passage = tsv(line) if tsv is not None else _parse_jsonl(line)
                 if not passage.text.strip():
@@ -161,16 +182,26 @@ def _scan(path: str, tsv: _TsvParser | None, report: LineReporter) -> Iterator[t
             except BadLine as e:
                 report(lineno, str(e))
                 continue
-            yield start, len(raw), passage
+            kept += 1
+            yield lineno, start, len(raw), passage
     report.summary()
+    if not kept and report.count:
+        line, reason = report.first
+        raise InputFileError(f"no usable passage: all {report.count} line(s) malformed; the first: line {line}: "
+                             f"{reason}", where=path)  # fmt: skip
+    if not kept:
+        raise InputFileError("the file is empty (no passages)", where=path)
 
 
 def read_passages(path: str, *, format: str | None = None, strict: bool = False) -> Iterator[Passage]:
-    """Stream the passages of a TSV or JSONL file in order (malformed lines handled as the module
-    docstring says)."""
-    tsv = _TsvParser() if _detect_format(path, format) == "tsv" else None
-    for _, _, passage in _scan(path, tsv, LineReporter(path, strict, logger)):
-        yield passage
+    """Stream the passages of a TSV or JSONL file in order: the rows of a ``PassageStore`` indexed in
+    a temporary folder (malformed lines and repeated ids handled as the module docstring says)."""
+    with (
+        tempfile.TemporaryDirectory() as sidecar,
+        PassageStore.open(path, format=format, strict=strict, cache_dir=sidecar) as store,
+    ):
+        for batch in store.iter_batches(1024):
+            yield from batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,36 +242,57 @@ def _save_npy(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _repeated_rows(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, firsts)``: the rows whose id an earlier row already has, in row order, and the first
+    row with that id for each."""
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts_group = np.ones(len(ids), bool)
+    starts_group[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    group_start = np.maximum.accumulate(np.where(starts_group, np.arange(len(ids)), 0))
+    repeats = np.flatnonzero(~starts_group)
+    rows, firsts = order[repeats], order[group_start[repeats]]
+    by_row = np.argsort(rows)
+    return rows[by_row], firsts[by_row]
+
+
 def build_sidecar(path: str, sidecar: str, *, format: str | None = None, strict: bool = False, progress: bool = False) -> dict:
-    """Scan ``path`` once and write the offsets, lengths and ids of its records into ``sidecar``."""
+    """Scan ``path`` once and write the offsets, lengths and ids of its records into ``sidecar``
+    (malformed lines and repeated ids skipped, as the module docstring says)."""
     fmt = _detect_format(path, format)
     fingerprint = file_fingerprint(path)
-    report = LineReporter(path, strict, logger)
-    offsets, lengths, ids = array.array("q"), array.array("i"), _IdCollector()
+    malformed, duplicates = LineReporter(path, strict, logger), LineReporter(path, strict, logger)
+    lines, offsets, lengths, ids = array.array("q"), array.array("q"), array.array("i"), _IdCollector()
     tsv = _TsvParser() if fmt == "tsv" else None
-    records = _scan(path, tsv, report)
+    records = _scan(path, tsv, malformed)
     if progress:
         records = tqdm(records, desc=f"indexing {os.path.basename(path)}", unit=" passages", mininterval=2.0)
-    for start, length, passage in records:
+    for lineno, start, length, passage in records:
+        lines.append(lineno)
         offsets.append(start)
         lengths.append(length)
         ids.add(passage.id)
+    ids_array, lines_array = ids.array(), np.array(lines, dtype=np.int64)
+    rows, firsts = _repeated_rows(ids_array)
+    for row, first in zip(rows.tolist(), firsts.tolist()):
+        duplicates(int(lines_array[row]), f"duplicate id {ids_array[row]} (first at line {lines_array[first]})")
+    duplicates.summary("line(s) with a repeated id")
+    keep = np.ones(len(ids_array), bool)
+    keep[rows] = False
     os.makedirs(sidecar, exist_ok=True)
-    _save_npy(os.path.join(sidecar, "offsets.npy"), np.array(offsets, dtype=np.int64))
-    _save_npy(os.path.join(sidecar, "lengths.npy"), np.array(lengths, dtype=np.int32))
-    ids_array = ids.array()
-    _save_npy(os.path.join(sidecar, "ids.npy"), ids_array)
-    if len(np.unique(ids_array)) != len(ids_array):
-        logger.warning("%s: some passage ids are repeated; id -> row lookups give the first row", path)
+    _save_npy(os.path.join(sidecar, "offsets.npy"), np.array(offsets, dtype=np.int64)[keep])
+    _save_npy(os.path.join(sidecar, "lengths.npy"), np.array(lengths, dtype=np.int32)[keep])
+    _save_npy(os.path.join(sidecar, "ids.npy"), ids_array[keep])
     meta = {
         "version": SIDECAR_VERSION,
         "source": os.path.abspath(path),
         "format": fmt,
         "tsv_columns": None if tsv is None else {"positions": list(tsv.columns), "num_fields": tsv.num_fields},
         "fingerprint": fingerprint,
-        "num_passages": len(offsets),
-        "num_malformed": report.count,
-        "first_malformed": report.first,
+        "num_passages": int(keep.sum()),
+        "num_malformed": malformed.count,
+        "num_duplicates": duplicates.count,
+        "first_problem": min(filter(None, (malformed.first, duplicates.first)), default=None),
     }
     tmp = os.path.join(sidecar, "meta.json.tmp")
     with open(tmp, "w") as f:
@@ -287,7 +339,8 @@ class PassageStore:
     ) -> "PassageStore":
         """Open ``path``, (re)building its sidecar index when missing or when the file changed
         (size or mtime). ``cache_dir`` puts the sidecar there instead of next to the file. With
-        ``strict=True`` a file with any malformed line is refused."""
+        ``strict=True`` a file with any malformed line or repeated id is refused."""
+        open_input(path).close()  # a missing, directory or unreadable path fails here, naming it
         sidecar = cache_dir or path + ".idx"
         meta = _load_meta(sidecar)
         fresh = (
@@ -298,8 +351,11 @@ class PassageStore:
         )
         if not fresh:
             meta = build_sidecar(path, sidecar, format=format, strict=strict, progress=progress)
-        elif strict and meta["num_malformed"]:
-            raise MalformedLineError(f"{meta['first_malformed']} (and {meta['num_malformed'] - 1} more malformed lines)")
+        elif strict and meta["first_problem"]:
+            line, reason = meta["first_problem"]
+            more = meta["num_malformed"] + meta["num_duplicates"] - 1
+            raise MalformedLineError(f"{reason} (and {more} more skipped line(s))" if more else reason,
+                                     where=f"{path}:{line}")  # fmt: skip
         return cls(path, sidecar, meta)
 
     @property
@@ -349,7 +405,7 @@ class PassageStore:
             yield self.slice(a, min(a + batch_size, stop))
 
     def row_of(self, passage_id: str | int) -> int:
-        """The row of the passage with this id (the first one if ids repeat); KeyError if none."""
+        """The row of the passage with this id; KeyError if none."""
         if self._sorted_ids is None:
             self._id_order = np.argsort(self.ids, kind="stable")
             self._sorted_ids = self.ids[self._id_order]

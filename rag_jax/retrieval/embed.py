@@ -32,6 +32,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from rag_jax.errors import InputFileError
 from rag_jax.retrieval.corpus import Passage, PassageStore
 
 MANIFEST = "manifest.json"
@@ -110,7 +111,8 @@ def _check_or_start_manifest(out_dir: str, settings: dict) -> dict:
         changed = {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
         if changed:
             detail = "; ".join(f"{k}: {old!r} in the folder, {new!r} now" for k, (old, new) in changed.items())
-            raise ValueError(f"{out_dir} holds embeddings made with other settings ({detail}); use another folder or delete it")
+            raise InputFileError(f"holds embeddings made with other settings ({detail}); use another folder or delete it",
+                                 where=out_dir)  # fmt: skip
         return manifest
     os.makedirs(out_dir, exist_ok=True)
     manifest = {**settings, "dim": None, "complete": False}
@@ -288,17 +290,23 @@ def load_embeddings(out_dir: str, mmap: bool = True, store: PassageStore | None 
     memory-mapped shards (nothing read yet), else one ``np.ndarray`` in memory. bfloat16 comes back
     as ``ml_dtypes.bfloat16``. Refuses an incomplete job, and, when ``store`` is given, embeddings
     of another version of the corpus or of another passage count."""
+    if not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        raise InputFileError(f"no {MANIFEST}: not a folder written by `rag-jax embed`", where=out_dir)
     with open(os.path.join(out_dir, MANIFEST)) as f:
         manifest = json.load(f)
     missing = [s for s in range(manifest["num_shards"]) if not os.path.exists(shard_path(out_dir, s))]
     if missing:
-        raise ValueError(f"{out_dir}: the embedding job is incomplete: {len(missing)} of {manifest['num_shards']} shards missing (first: {missing[0]})")
+        raise InputFileError(f"the embedding job is incomplete: {len(missing)} of {manifest['num_shards']} shards "
+                             f"missing (first: {missing[0]}); run `rag-jax embed` again to finish it",
+                             where=out_dir)  # fmt: skip
     if store is not None:
         if manifest["num_passages"] != len(store):
-            raise ValueError(f"{out_dir} holds {manifest['num_passages']} embeddings but the store has {len(store)} passages")
+            raise InputFileError(f"holds {manifest['num_passages']} embeddings but the store has {len(store)} passages",
+                                 where=out_dir)  # fmt: skip
         fp = store.fingerprint
         if manifest["source"] != {"size": fp["size"], "mtime_ns": fp["mtime_ns"], "num_passages": fp["num_passages"]}:
-            raise ValueError(f"{out_dir} was embedded from another version of {store.path} ({manifest['source']} vs {fp})")
+            raise InputFileError(f"was embedded from another version of {store.path} ({manifest['source']} vs {fp})",
+                                 where=out_dir)  # fmt: skip
     shards = [np.load(shard_path(out_dir, s), mmap_mode="r" if mmap else None) for s in range(manifest["num_shards"])]
     if manifest["dtype"] == "bfloat16":
         shards = [a.view(ml_dtypes.bfloat16) for a in shards]

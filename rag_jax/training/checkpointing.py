@@ -24,6 +24,10 @@ Conventions and guarantees:
   any other (1 device <-> 8 devices). Without an explicit step it restores the latest *readable*
   checkpoint: a step whose files are truncated or missing is reported (warning naming the step),
   moved aside as ``<step>.corrupt-<time>`` once an older one restored, and the previous one is used.
+  The array store is probed (``array_data_problem``) before orbax reads anything of a step: a read
+  failing inside orbax (its metadata or its restore) leaves its other reads in flight, and their
+  completions then hit a closed event loop (``RuntimeError: Event loop is closed`` tracebacks from
+  background threads).
   Unfinished saves (orbax ``*.orbax-checkpoint-tmp-*`` directories left by a kill) are never listed
   as steps; a writable ``Checkpointer`` removes them in the background when it opens the directory.
 * **Async saves and donation**: with ``async_save=True``, ``save`` returns once every array is in
@@ -57,9 +61,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from orbax.checkpoint import checkpoint_managers as policies
 
 from rag_jax.config import read_run_config
+from rag_jax.errors import UserError
 from rag_jax.training.sharding import path_str
 
 log = logging.getLogger(__name__)
@@ -70,12 +76,22 @@ CONFIG_FILENAME = "config.json"
 STATE_ITEM, DATA_ITEM, METRICS_ITEM = "state", "data", "metrics"
 
 
-class CheckpointRestoreError(RuntimeError):
-    """Checkpoints exist but none of them is readable."""
+class CheckpointRestoreError(UserError, RuntimeError):
+    """Checkpoints exist but none of them is readable (or the one asked for is not)."""
+
+    what = "checkpoint"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's leaves (paths, shapes) differ from the state it is restored into."""
+
+    what = "checkpoint"
+
+
+class MissingCheckpointError(UserError, FileNotFoundError):
+    """No checkpoint (or not the step asked for) in the directory."""
+
+    what = "checkpoint"
 
 
 # -- non-finite guard ----------------------------------------------------------------------------
@@ -162,7 +178,14 @@ class Checkpointer:
         ):
             registry.add(item, save_args)
             registry.add(item, restore_args)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
+        except json.JSONDecodeError as e:  # orbax reads every step's metrics when it opens the directory
+            bad = _unparsable_metrics(self.directory)
+            raise CheckpointRestoreError(
+                f"not valid JSON ({e.msg}); move its step folder aside (e.g. rename it <step>.corrupt) to use the "
+                "earlier checkpoints", where=str(bad or self.directory),
+            ) from e  # fmt: skip
 
     def _rank(self, metrics: Mapping[str, float] | None) -> float:
         """The best-metric value of a checkpoint's metrics; missing or non-finite ranks worst."""
@@ -226,7 +249,10 @@ class Checkpointer:
         items = {STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data_json)}
         if metrics_json is not None:
             items[METRICS_ITEM] = ocp.args.JsonSave(metrics_json)
-        return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics_json, force=True)
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics_json, force=True)
+        if saved:
+            log.info("saved the checkpoint of step %d in %s", step, self.directory)
+        return saved
 
     def _checked_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
         if not metrics:
@@ -260,37 +286,40 @@ class Checkpointer:
         steps = self.all_steps()
         if step is not None:
             if step not in steps:
-                raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: {steps}")
+                raise MissingCheckpointError(f"no step {step}; available: {steps}", where=str(self.directory))
+            self._check_array_data(step)
             self._check_compatible(abstract_state, step, self._stored_shapes(step))
             return self._restore_step(abstract_state, step)
         failed: dict[int, Exception] = {}
         for candidate in reversed(steps):
             try:
+                self._check_array_data(candidate)
                 stored = self._stored_shapes(candidate)
             except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many types for missing or truncated files)
-                failed[candidate] = self._report_unreadable(candidate, e)
+                failed[candidate] = self._report_unreadable(candidate, e, steps)
                 continue
             self._check_compatible(abstract_state, candidate, stored)
             try:
                 restored = self._restore_step(abstract_state, candidate)
             except Exception as e:  # noqa: BLE001
-                failed[candidate] = self._report_unreadable(candidate, e)
+                failed[candidate] = self._report_unreadable(candidate, e, steps)
                 continue
             for bad_step in failed:
                 self._quarantine(bad_step)
             return restored
         if failed:
-            summary = "; ".join(f"step {s}: {type(e).__name__}: {_first_line(e)}" for s, e in failed.items())
-            raise CheckpointRestoreError(f"no checkpoint in {self.directory} is readable ({summary})") from next(
-                iter(failed.values())
-            )
+            summary = "; ".join(f"step {s}: {_reason(e)}" for s, e in failed.items())
+            raise CheckpointRestoreError(
+                f"none is readable ({summary}); move the damaged step folders aside or use another run_dir",
+                where=str(self.directory),
+            ) from next(iter(failed.values()))
         return None
 
-    def _report_unreadable(self, step: int, error: Exception) -> Exception:
-        log.warning(
-            "checkpoint step %d in %s is unreadable (%s: %s); trying the previous one",
-            step, self.directory, type(error).__name__, _first_line(error),
-        )  # fmt: skip
+    def _report_unreadable(self, step: int, error: Exception, steps: list[int]) -> Exception:
+        """Warn that ``step`` is skipped (not for the oldest: the error raised then names every step)."""
+        if step != steps[0]:
+            log.warning("checkpoint step %d in %s is unreadable (%s); trying the previous one", step, self.directory,
+                        _reason(error))  # fmt: skip
         return error
 
     def _stored_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
@@ -311,9 +340,14 @@ class Checkpointer:
         if problems:
             shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
             raise CheckpointMismatchError(
-                f"checkpoint step {step} in {self.directory} does not match the state to restore into "
-                f"(was the model or optimizer config changed?): {shown}"
-            )
+                f"step {step} does not match the state to restore into (was the model or optimizer config "
+                f"changed?): {shown}", where=str(self.directory),
+            )  # fmt: skip
+
+    def _check_array_data(self, step: int) -> None:
+        problem = array_data_problem(self.directory / str(step) / STATE_ITEM)
+        if problem:
+            raise CheckpointRestoreError(problem, where=str(self.directory / str(step)))
 
     def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict, int]:
         items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state), DATA_ITEM: ocp.args.JsonRestore()}
@@ -375,6 +409,49 @@ def _checked_json(value: Mapping[str, Any], what: str) -> dict:
     except (TypeError, ValueError) as e:
         raise TypeError(f"{what} must be JSON-serialisable: {e}") from e
     return dict(value)
+
+
+def array_data_problem(state_dir: Path) -> str | None:
+    """Why the arrays of ``state_dir`` (an orbax state item: an OCDBT store) cannot all be read, e.g.
+    a data file truncated or deleted; None when every stored value can.
+
+    Reads the last byte of every value (one that fails is read whole, since an empty value has no
+    last byte) and waits for every read, so no read is left in flight."""
+    if not (state_dir / "manifest.ocdbt").is_file():
+        return "its array store has no manifest.ocdbt"
+    try:
+        store = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": f"{state_dir}/"}}).result()
+        keys = store.list().result()
+    except Exception as e:  # noqa: BLE001 (tensorstore reports damaged files as ValueError or OSError)
+        return f"its array store cannot be listed ({type(e).__name__}: {_first_line(e)})"
+    probes = [store.read(key, byte_range=slice(-1, None)) for key in keys]
+    bad = [key.decode() for key, probe in zip(keys, probes) if not (_succeeds(probe) or _succeeds(store.read(key)))]
+    if not keys or bad:
+        first = f", the first: {bad[0]}" if bad else ""
+        return f"{len(bad)} of its {len(keys)} stored array chunk(s) cannot be read (truncated or missing files){first}"
+    return None
+
+
+def _succeeds(read: ts.Future) -> bool:
+    try:
+        return read.result().state == "value"
+    except Exception:  # noqa: BLE001 (tensorstore reports a short or missing file as ValueError or OSError)
+        return False
+
+
+def _unparsable_metrics(directory: Path) -> Path | None:
+    """The first step's metrics file in ``directory`` that is not valid JSON."""
+    for path in sorted(directory.glob(f"*/{METRICS_ITEM}/{METRICS_ITEM}")):
+        try:
+            json.loads(path.read_text())
+        except (ValueError, OSError):
+            return path
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    """Why a step is unreadable, in one line."""
+    return e.why if isinstance(e, UserError) else f"{type(e).__name__}: {_first_line(e)}"
 
 
 def _first_line(e: BaseException) -> str:

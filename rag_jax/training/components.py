@@ -11,6 +11,7 @@ import numpy as np
 
 from rag_jax.config import resolve
 from rag_jax.data import qa as data
+from rag_jax.errors import ConfigError, named_by
 from rag_jax.hf.encoder import load_encoder
 from rag_jax.hf.generator import load_generator
 from rag_jax.hf.rag import load_rag
@@ -20,21 +21,26 @@ from rag_jax.retrieval import BM25Index, PassageStore, Retriever, load_embedding
 
 def build_model(cfg: ml_collections.ConfigDict) -> RagModel:
     """From a transformers RAG folder, or a question encoder folder + a generator folder."""
-    m = cfg.model
+    m = _model_config(cfg)
     variant = "token" if cfg.rag.variant == "closed_book" else cfg.rag.variant
     if m.rag:
         model = load_rag(m.rag)
         return dataclasses.replace(model, variant=variant)
-    if not (m.question_encoder and m.generator):
-        raise ValueError("config.model: set `rag` (a RAG folder) or both `question_encoder` and `generator`")
     return RagModel(load_encoder(m.question_encoder), load_generator(m.generator), resolve(cfg).rag, variant)
+
+
+def _model_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    m = cfg.model
+    if not (m.rag or (m.question_encoder and m.generator)):
+        raise ConfigError("set `rag` (a RAG folder) or both `question_encoder` and `generator`", what="config.model")
+    return m
 
 
 def tokenizers(cfg: ml_collections.ConfigDict):
     """(question tokenizer, generator tokenizer) from the model folders."""
     from transformers import AutoTokenizer
 
-    m = cfg.model
+    m = _model_config(cfg)
     if m.rag:
         return (
             AutoTokenizer.from_pretrained(os.path.join(m.rag, "question_encoder_tokenizer")),
@@ -49,15 +55,18 @@ def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenize
     fields = ("passages",) if c.retriever == "bm25" else ("passages", "embeddings", "index")
     for field in fields:
         if not c[field]:
-            raise ValueError(
-                f"config.corpus.{field} is empty: RAG needs a passage file, its embeddings (`rag-jax embed`) "
-                "and an index (`rag-jax build-index`)"
-            )
-    store = PassageStore.open(c.passages)
+            raise ConfigError(
+                "is empty: RAG needs a passage file, its embeddings (`rag-jax embed`) and an index "
+                "(`rag-jax build-index`)", what=f"config.corpus.{field}",
+            )  # fmt: skip
+    with named_by("config.corpus.passages"):
+        store = PassageStore.open(c.passages)
     if c.retriever == "bm25":
         index, embeddings = BM25Index.build(store.get_many(np.arange(len(store)))), None
     else:
-        index, embeddings = load_index(c.index), load_embeddings(c.embeddings, store=store)
+        with named_by("config.corpus.embeddings"):
+            embeddings = load_embeddings(c.embeddings, store=store)
+        index = load_index(c.index)
     return Retriever(
         question_encoder=model.question_encoder,
         question_tokenizer=question_tokenizer,
@@ -75,14 +84,15 @@ def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenize
 def read_split(cfg: ml_collections.ConfigDict, split: str, generator_tokenizer=None) -> list[data.QAExample]:
     path = cfg.data[split]
     if not path:
-        raise ValueError(f"config.data.{split} is empty")
-    return data.read_qa(
-        path,
-        format=cfg.data.format or None,
-        strict=cfg.data.strict,
-        target_length=_target_length_fn(generator_tokenizer) if generator_tokenizer is not None else None,
-        max_target_length=cfg.data.max_target_length,
-    ).examples
+        raise ConfigError("is empty", what=f"config.data.{split}")
+    with named_by(f"config.data.{split}"):
+        return data.read_qa(
+            path,
+            format=cfg.data.format or None,
+            strict=cfg.data.strict,
+            target_length=_target_length_fn(generator_tokenizer) if generator_tokenizer is not None else None,
+            max_target_length=cfg.data.max_target_length,
+        ).examples
 
 
 def _target_length_fn(tokenizer):

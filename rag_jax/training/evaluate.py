@@ -84,6 +84,6 @@ def load_trained_model(cfg: ml_collections.ConfigDict, step: int | None = None) 
     with checkpointing.Checkpointer(directory, save_every=1, keep=1, read_only=True) as ckpt:
         restored = ckpt.restore(checkpoint_target(trainer), step=step)
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
+        raise checkpointing.MissingCheckpointError("none saved yet", where=directory)
     tree, _, restored_step = restored
     return trainer.to_model(tree["train"].params), restored_step

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from rag_jax.config import resolve
 from rag_jax.data import qa as data
+from rag_jax.errors import ConfigError, UserError
 from rag_jax.training import checkpointing, sharding
 from rag_jax.training.batches import closed_book_batch, rag_batch
 from rag_jax.training.components import build_model, build_retriever, read_split, tokenizers
@@ -44,8 +45,8 @@ log = logging.getLogger(__name__)
 LOOKAHEAD_STEPS = 8  # batches prepared ahead of the device when retrieval cannot change
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    what = "training stopped"
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -78,8 +79,8 @@ def _step_batches(iterator, examples, make_batch, refresh_every: int, current_en
                 window.append(_Pending(pool.submit(make_batch, chosen, encoder_params), chosen, iterator.state()))
                 step += 1
             yield from window
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    finally:  # the batch being retrieved is finished, so no thread outlives the loop
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _process_local(tree):
@@ -107,19 +108,19 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     t = cfg.train
     process_count, process_index = jax.process_count(), jax.process_index()
     if t.batch_size % process_count:
-        raise ValueError(f"train.batch_size {t.batch_size} is not divisible by the {process_count} processes")
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the {process_count} processes")
     mesh = sharding.make_mesh(settings.mesh)
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % (batch_ways * t.grad_accum_steps):
-        raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of the mesh's data x fsdp size "
-                         f"{batch_ways} times train.grad_accum_steps {t.grad_accum_steps}")  # fmt: skip
+        raise ConfigError(f"train.batch_size {t.batch_size} must be a multiple of the mesh's data x fsdp size "
+                          f"{batch_ways} times train.grad_accum_steps {t.grad_accum_steps}")  # fmt: skip
 
-    model = build_model(cfg)
     question_tokenizer, generator_tokenizer = tokenizers(cfg)
+    train_examples = read_split(cfg, "train", generator_tokenizer)  # data mistakes show before the models load
+    dev_examples = read_split(cfg, "dev") if cfg.data.dev else []
+    model = build_model(cfg)
     closed_book = cfg.rag.variant == "closed_book"
     retriever = None if closed_book else build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=cfg.rag.k)
-    train_examples = read_split(cfg, "train", generator_tokenizer)
-    dev_examples = read_split(cfg, "dev") if cfg.data.dev else []
     dev_format = data.detect_format(cfg.data.dev, cfg.data.format or None) if cfg.data.dev else ""
     # HF fast tokenizers are not thread-safe: evaluation (main thread) gets its own, retrieval ahead
     # of the step (background thread) keeps the first pair.
@@ -180,7 +181,8 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
                 where = ", ".join(ex.where for ex in item.examples[:8])
                 if t.on_nonfinite != "skip":
                     raise NonFiniteLossError(f"non-finite loss or gradient at step {step} (batch examples {where}); "
-                                             f"the last good checkpoint is kept in {ckpt.directory}")  # fmt: skip
+                                             f"the last good checkpoint is kept in {ckpt.directory}; "
+                                             "train.on_nonfinite=skip skips such steps instead")  # fmt: skip
                 skipped += 1
                 log.warning("step %d: non-finite loss or gradient, update skipped (batch examples %s)", step, where)
             if step % t.log_every == 0 or step == t.steps:
@@ -204,6 +206,7 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
                 log.warning("pre-empted (SIGTERM): checkpoint saved at step %d, exiting", step)
                 break
     finally:
+        batches.close()
         bar.close()
         restore_signals()
         writer.close()

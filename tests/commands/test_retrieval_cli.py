@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from rag_jax.commands import retrieval as commands
+from rag_jax.errors import ConfigError
 from rag_jax.hf.encoder import load_encoder, save_encoder_hf
 from rag_jax.models import bert
 from rag_jax.models.configs import BertConfig
@@ -100,23 +101,10 @@ def test_embed_resumes_and_build_index_searches_exactly(files, capsys):
 
 def test_build_index_refuses_flags_of_the_other_kind(files):
     root, *_ = files
-    with pytest.raises(SystemExit, match="--dtype applies to --kind exact only"):
-        run(
-            [
-                "build-index",
-                "--embeddings",
-                str(root),
-                "--out",
-                str(root / "x"),
-                "--kind",
-                "scann",
-                "--dtype",
-                "bfloat16",
-            ]
-        )
-    with pytest.raises(SystemExit, match="--num-leaves apply to --kind scann only"):
-        run(
-            ["build-index", "--embeddings", str(root), "--out", str(root / "x"), "--kind", "exact", "--num-leaves", "4"]
-        )
-    with pytest.raises(SystemExit, match="--reorder-dtype apply to --kind scann only"):
-        run(["build-index", "--embeddings", str(root), "--out", str(root / "x"), "--kind", "exact", "--reorder-dtype", "int8"])
+    base = ["build-index", "--embeddings", str(root), "--out", str(root / "x")]
+    with pytest.raises(ConfigError, match="--dtype: applies to --kind exact only"):
+        run([*base, "--dtype", "bfloat16"])  # --kind scann is the default
+    with pytest.raises(ConfigError, match="--num-leaves: apply to --kind scann only"):
+        run([*base, "--kind", "exact", "--num-leaves", "4"])
+    with pytest.raises(ConfigError, match="--reorder-dtype: apply to --kind scann only"):
+        run([*base, "--kind", "exact", "--reorder-dtype", "int8"])

@@ -5,6 +5,8 @@ two-process multi-host run equal to one process."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,8 @@ from rag_jax.models.configs import BartConfig, BertConfig
 from rag_jax.quickstart import task as quickstart_task
 from rag_jax.training.metric_writer import read_metrics
 
+PROGRESS_BAR = re.compile(r"\[\d+:\d\d")  # tqdm's elapsed time
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_ENCODER = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
                           max_position_embeddings=64)  # fmt: skip
 TINY_BART = BartConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
@@ -87,6 +91,19 @@ def test_train_eval_export_end_to_end(task, tmp_path, capsys):
         predictions = [json.loads(line) for line in f]
     assert len(predictions) == 4 and all(len(p["retrieved"]) == 2 for p in predictions)
 
+    # the latest checkpoint's array data truncated: eval falls back to the previous one, and says only that
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    data_files = list((damaged / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d").iterdir())
+    largest = max(data_files, key=lambda f: f.stat().st_size)
+    os.truncate(largest, largest.stat().st_size // 2)
+    args = ["eval", "--run", str(damaged), "--split", "test", f"--config.run_dir={damaged}"]
+    fallback = rag_jax_process(args, 8, stderr=subprocess.PIPE)
+    output, errors = fallback.communicate(timeout=300)
+    assert fallback.returncode == 0 and json.loads(output.strip().splitlines()[-1])["step"] == 4, errors[-3000:]
+    lines = [line for line in errors.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
+    assert [line.split(" in ")[0] for line in lines] == ["warning: checkpoint step 6"], errors[-3000:]
+
     out = str(tmp_path / "export")
     assert cli.main(["export", "--run", run_dir, "--out", out]) == 0
     assert {"passages.tsv", "embeddings", "index", "generator_tokenizer", "question_encoder_tokenizer"} <= set(
@@ -106,21 +123,24 @@ def test_train_eval_export_end_to_end(task, tmp_path, capsys):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
 
 
-def test_unknown_override_is_an_error(task, tmp_path):
+def test_unknown_override_is_an_error(task, tmp_path, capsys):
     spec = write_config(task, tmp_path, str(tmp_path / "run"))
-    with pytest.raises(KeyError, match="train.stepz"):
-        cli.main(["train", "--config", spec, "--config.train.stepz=3"])
+    assert cli.main(["train", "--config", spec, "--config.train.stepz=3"]) == 1
+    assert capsys.readouterr().err == (f"rag-jax train: config ({spec}): override '--config.train.stepz=3': no field "
+                                       "'train.stepz' in the config\n")  # fmt: skip
 
 
 # -- subprocess runs -----------------------------------------------------------------------------
 
 
-def rag_jax_process(args, devices: int, **env) -> subprocess.Popen:
-    """``rag-jax args`` in a new process with ``devices`` CPU devices and this process's matmul precision."""
+def rag_jax_process(args, devices: int, stderr=subprocess.STDOUT, **env) -> subprocess.Popen:
+    """``rag-jax args`` in a new process with ``devices`` CPU devices and this process's matmul precision
+    (stderr merged into stdout unless ``stderr`` says otherwise)."""
     environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                   "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest", **env}  # fmt: skip
+                   "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])), **env}  # fmt: skip
     return subprocess.Popen([sys.executable, "-m", "rag_jax", *args], env=environment, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stderr=stderr, text=True)  # fmt: skip
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> str:
@@ -163,6 +183,19 @@ def test_preemption_and_sigkill_then_resume_give_the_same_losses(task, tmp_path)
     expected, resumed = losses(reference_dir), losses(run_dir)
     assert sorted(resumed) == list(range(1, 10))
     assert [resumed[s] for s in range(1, 10)] == [expected[s] for s in range(1, 10)]
+
+
+def test_a_non_finite_loss_stops_the_run_with_one_line(task, tmp_path):
+    run_dir = str(tmp_path / "run")
+    args = ["train", "--config", write_config(task, tmp_path, run_dir), "--no-progress", "--config.data.dev=",
+            "--config.train.learning_rate=inf", "--config.train.save_every=100"]  # fmt: skip
+    process = rag_jax_process(args, 8, stderr=subprocess.PIPE)
+    _, errors = process.communicate(timeout=300)
+    assert process.returncode == 1 and "Traceback" not in errors, errors[-3000:]
+    (line,) = [line for line in errors.splitlines() if line.strip()]
+    assert re.fullmatch(r"rag-jax train: training stopped: non-finite loss or gradient at step \d \(batch examples "
+                        r".*kb/train.jsonl:\d+.*\); the last good checkpoint is kept in .*/checkpoints; "
+                        r"train.on_nonfinite=skip skips such steps instead", line), line  # fmt: skip
 
 
 def free_port() -> int:

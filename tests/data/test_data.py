@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from rag_jax.data import qa as data
+from rag_jax.data.lines import BOM, MalformedLineError, open_input
 from rag_jax.data.qa import BatchIterator, QAExample, read_qa
-from rag_jax.retrieval.corpus import MalformedLineError
+from rag_jax.errors import InputFileError
 
 # As DPR's nq-train.json: an indented array of objects with fields we ignore.
 DPR_JSON = [
@@ -48,7 +49,8 @@ def test_json_array_read_in_small_pieces_gives_the_same(tmp_path, monkeypatch, p
     assert read_qa(path).examples == whole and len(whole) == 6
     empty = tmp_path / "empty.json"
     empty.write_text(" [ ]\n")
-    assert read_qa(empty).examples == []
+    with pytest.raises(InputFileError, match=r"empty.json\): the file is empty \(no examples\)"):
+        read_qa(empty)
 
 
 def test_tsv_with_python_and_json_answer_lists(tmp_path):
@@ -74,9 +76,9 @@ def test_tsv_with_python_and_json_answer_lists(tmp_path):
 
 def test_literal_answers_are_never_evaluated(tmp_path):
     path = tmp_path / "evil.tsv"
-    path.write_text("q\t__import__('os').getcwd()\n", encoding="utf-8")
+    path.write_text("q\t__import__('os').getcwd()\nok\t['a']\n", encoding="utf-8")
     examples, report = read_qa(path)
-    assert examples == [] and report.skipped == {"bad answers": 1}
+    assert [e.question for e in examples] == ["ok"] and report.skipped == {"bad answers": 1}
 
 
 def test_jsonl_generation_and_fever(tmp_path):
@@ -138,11 +140,11 @@ def test_bad_lines_are_skipped_reported_and_counted(tmp_path, caplog):
 def test_strict_raises_at_the_first_bad_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(BAD_JSONL)
-    with pytest.raises(MalformedLineError, match=f"^{path}:2: empty question$"):
+    with pytest.raises(MalformedLineError, match=f"^malformed line \\({path}:2\\): empty question$"):
         read_qa(path, strict=True)
     tsv = tmp_path / "bad.tsv"
     tsv.write_bytes(b"q1\t['a']\nq2\tnot a list\n")
-    with pytest.raises(MalformedLineError, match=f"^{tsv}:2: bad answers \\(the answers column is not a list literal"):
+    with pytest.raises(MalformedLineError, match=f"\\({tsv}:2\\): bad answers \\(the answers column is not a list"):
         read_qa(tsv, strict=True)
 
 
@@ -176,24 +178,24 @@ def test_dpr_json_broken_array_raises_with_its_line(tmp_path, monkeypatch, piece
     # the element of line 3 lacks its "}"; the decoder notices at line 5, where a key should follow the ","
     path.write_text('[\n{"question": "q1", "answers": ["a"]},\n{"question": "q2", "answers": ["b"]\n,\n'
                     '{"question": "q3", "answers": ["c"]}]\n')  # fmt: skip
-    with pytest.raises(MalformedLineError, match=f"^{path}:3: bad JSON in the element that starts at this line "
+    with pytest.raises(MalformedLineError, match=f"\\({path}:3\\): bad JSON in the element that starts at this line "
                                                  r"\(Expecting property name .* at line 5\)"):  # fmt: skip
         read_qa(path)
     path.write_text('[{"question": "q1", "answers": ["a"]}\n{"question": "q2", "answers": ["b"]}]')
-    with pytest.raises(MalformedLineError, match=f"^{path}:2: expected ',' or ']' after the element that starts at "
-                                                 "line 1$"):  # fmt: skip
+    with pytest.raises(MalformedLineError, match=f"\\({path}:2\\): expected ',' or ']' after the element that starts "
+                                                 "at line 1$"):  # fmt: skip
         read_qa(path)
     path.write_text('{"question": "q1", "answers": ["a"]}\n')
     with pytest.raises(MalformedLineError, match="expected a JSON array"):
         read_qa(path)
     path.write_text('[{"question": "q1", "answers": ["a"]},\n{"question": "q2", "answers": ["b"]}\n')
-    with pytest.raises(MalformedLineError, match=f"^{path}:3: the file ends inside the JSON array"):
+    with pytest.raises(MalformedLineError, match=f"\\({path}:3\\): the file ends inside the JSON array"):
         read_qa(path)
     path.write_text('[{"question": "q1", "answers": ["a"]},\n{"question": "q2", "ans')
-    with pytest.raises(MalformedLineError, match=f"^{path}:2: bad JSON in the element that starts at this line"):
+    with pytest.raises(MalformedLineError, match=f"\\({path}:2\\): bad JSON in the element that starts at this line"):
         read_qa(path)
     path.write_text('[{"question": "q1", "answers": ["a"]}] x')
-    with pytest.raises(MalformedLineError, match=f"^{path}:1: text after the end of the JSON array"):
+    with pytest.raises(MalformedLineError, match=f"\\({path}:1\\): text after the end of the JSON array"):
         read_qa(path)
 
 
@@ -216,7 +218,7 @@ def test_over_long_answers_are_dropped_and_reported(tmp_path, caplog):
     assert "dropped 1 over-long answer(s)" in text
     # without a length function nothing is checked; strict stops at the first over-long answer
     assert len(read_qa(path, max_target_length=2).examples) == 3
-    with pytest.raises(MalformedLineError, match=f"{path}:1: answer too long: answer 2 of 2"):
+    with pytest.raises(MalformedLineError, match=f"\\({path}:1\\): answer too long: answer 2 of 2"):
         read_qa(path, target_length=words, max_target_length=2, strict=True)
     assert len(read_qa(path, target_length=len, max_target_length=20).examples) == 3  # characters
 
@@ -267,7 +269,7 @@ def test_every_format_reports_each_problem_with_its_line(tmp_path, caplog, fmt):
     assert report.format == fmt and report.num_examples == 2 and report.answers_dropped == 0
     assert report.skipped == {"empty question": 1, "missing answers": 1, "not UTF-8": 1, "answer too long": 1}
     *per_line, summary = [r.getMessage() for r in caplog.records]
-    assert [m.removeprefix("skipped malformed line ").split(" (")[0] for m in per_line] == [
+    assert [m.removeprefix("skipped ").split(" (")[0] for m in per_line] == [
         f"{path}:{first + i}: {reason}" for i, (_, _, reason) in enumerate(PROBLEM_ROWS, start=1)]  # fmt: skip
     assert summary == (
         f"{path}: read 2 example(s); skipped 4 line(s) (answer too long: 1, empty question: 1, missing answers: 1, "
@@ -276,9 +278,73 @@ def test_every_format_reports_each_problem_with_its_line(tmp_path, caplog, fmt):
     # strict: each problem alone, after a good line, raises with its line
     for row in PROBLEM_ROWS:
         path, first = write_qa_file(tmp_path, fmt, [("good one", "yes", None), row])
-        with pytest.raises(MalformedLineError, match=f"^{path}:{first + 1}: {row[2]}"):
+        with pytest.raises(MalformedLineError, match=f"^malformed line \\({path}:{first + 1}\\): {row[2]}"):
             read_qa(path, strict=True, target_length=len, max_target_length=MAX_CHARS)
     assert len(read_qa(path, strict=True).examples) == 2  # without a length limit the long answer is kept
+
+
+@pytest.mark.parametrize("fmt", data.FORMATS)
+def test_every_format_reads_a_byte_order_mark_and_crlf_line_ends(tmp_path, fmt):
+    rows = [("first question", "yes", None), ("second", "b", None)]
+    path, first = write_qa_file(tmp_path, fmt, rows)
+    plain = read_qa(path).examples
+    path.write_bytes(BOM + path.read_bytes().replace(b"\n", b"\r\n"))
+    assert read_qa(path).examples == plain
+    assert [(e.question, e.answers, e.where) for e in plain] == [
+        ("first question", ("yes",), f"{path}:{first}"), ("second", ("b",), f"{path}:{first + 1}")]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", data.FORMATS)
+@pytest.mark.parametrize("content", [b"", b"\n \r\n", BOM, "header"])
+def test_an_empty_file_is_an_error_naming_it(tmp_path, fmt, content):
+    path, _ = write_qa_file(tmp_path, fmt, [])
+    if content == "header":
+        content = b"[]" if fmt == "json" else b"question\tanswers\n" if fmt == "tsv" else b""
+    path.write_bytes(content)
+    with pytest.raises(InputFileError, match=rf"^input file \({path}\): the file is empty \(no examples\)$"):
+        read_qa(path, format=fmt if fmt != "jsonl" else None)
+
+
+def test_a_file_without_a_usable_example_is_an_error(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "", "answers": ["a"]}\n{"question": "q"}\n')
+    reasons = r"\(empty question: 1, missing answers: 1\)"
+    with pytest.raises(InputFileError, match=rf"no usable example: all 2 skipped {reasons}; the first problem: {path}:1: "):
+        read_qa(path)
+
+
+def test_missing_directory_unreadable_and_damaged_files_are_errors_naming_them(tmp_path):
+    for name in ("missing.jsonl", "missing.tsv", "missing.json"):
+        with pytest.raises(InputFileError, match=rf"^input file \({tmp_path / name}\): no such file$"):
+            read_qa(tmp_path / name)
+    (tmp_path / "folder.tsv").mkdir()
+    with pytest.raises(InputFileError, match=r"folder.tsv\): a directory, not a file$"):
+        read_qa(tmp_path / "folder.tsv")
+
+    def refused(path, mode):
+        raise PermissionError(13, "Permission denied", path)
+
+    with pytest.raises(InputFileError, match=r"^input file \(x.tsv\): not readable \(permission denied\)$"):
+        open_input("x.tsv", refused)
+    damaged = tmp_path / "qa.jsonl.gz"
+    damaged.write_bytes(gzip.compress(b'{"question": "q", "answers": ["a"]}\n' * 50)[:-30])
+    with pytest.raises(InputFileError, match=r"qa.jsonl.gz\): cannot read it \(EOFError"):
+        read_qa(damaged)
+
+
+def test_deeply_nested_json_is_a_bad_line_not_a_crash(tmp_path):
+    nested = "[" * 100_000
+    path = tmp_path / "deep.jsonl"
+    path.write_text(f'{{"question": "q", "answers": {nested}}}\n{nested}\n{{"question": "ok", "answers": ["a"]}}\n')
+    examples, report = read_qa(path)
+    assert [e.question for e in examples] == ["ok"] and report.skipped == {"bad JSON": 2}
+    tsv = tmp_path / "deep.tsv"
+    tsv.write_text(f"q\t{nested}\nok\t['a']\n")
+    assert read_qa(tsv).report.skipped == {"bad answers": 1}
+    array = tmp_path / "deep.json"
+    array.write_text(f"[{nested}]")
+    with pytest.raises(MalformedLineError, match="nested too deeply"):
+        read_qa(array)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import pickle
 import numpy as np
 import pytest
 
+from rag_jax.data.lines import BOM
+from rag_jax.errors import InputFileError
 from rag_jax.retrieval.corpus import (
     MalformedLineError,
     Passage,
@@ -94,9 +96,10 @@ def test_malformed_lines_are_skipped_counted_and_reported(tmp_path, caplog):
     for line in (3, 4, 6, 7):
         assert f"{path}:{line}:" in messages
     assert "skipped 4 malformed line(s)" in messages
-    with pytest.raises(MalformedLineError, match=f"{path}:3: expected 3 tab-separated columns, found 2"):
+    with pytest.raises(MalformedLineError, match=f"\\({path}:3\\): expected 3 tab-separated columns, found 2"):
         list(read_passages(str(path), strict=True))
-    with pytest.raises(MalformedLineError, match=f"{path}:3"):  # strict with the cached sidecar too
+    with pytest.raises(MalformedLineError, match=f"\\({path}:3\\): expected 3 .* \\(and 3 more skipped line"):
+        # strict with the cached sidecar too
         PassageStore.open(str(path), strict=True)
 
 
@@ -107,8 +110,66 @@ def test_malformed_jsonl(tmp_path, caplog):
         assert [p.id for p in read_passages(str(path))] == ["1"]
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert f"{path}:2: bad JSON" in messages and f"{path}:3:" in messages and f"{path}:4: empty text" in messages
-    with pytest.raises(MalformedLineError, match=f"{path}:2: bad JSON"):
+    with pytest.raises(MalformedLineError, match=f"\\({path}:2\\): bad JSON"):
         list(read_passages(str(path), strict=True))
+
+
+@pytest.mark.parametrize("name, text", [
+    ("header.tsv", "id\ttext\ttitle\n1\tfirst text\tA\n2\tsecond\tB\n"),
+    ("plain.tsv", "1\tfirst text\tA\n2\tsecond\tB\n"),
+    ("lines.jsonl", '{"id": 1, "text": "first text", "title": "A"}\n{"id": 2, "text": "second", "title": "B"}\n'),
+])  # fmt: skip
+def test_byte_order_mark_and_crlf_line_ends(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_bytes(BOM + text.replace("\n", "\r\n").encode())
+    expected = [Passage("1", "A", "first text"), Passage("2", "B", "second")]
+    assert list(read_passages(str(path))) == expected
+    with PassageStore.open(str(path)) as store:
+        assert store.ids.tolist() == [1, 2] and [store[0], store[1]] == expected
+
+
+def test_repeated_ids_keep_the_first_and_are_reported(tmp_path, caplog):
+    path = tmp_path / "dup.tsv"
+    path.write_text("id\ttext\ttitle\n1\tone\tA\n2\ttwo\tB\n1\tone again\tC\n\n3\tthree\tD\n2\ttwo again\tE\n"
+                    "1\tthird one\tF\n")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="rag_jax.retrieval.corpus"):
+        store = PassageStore.open(str(path))
+    assert [store[i].text for i in range(len(store))] == ["one", "two", "three"]
+    assert store.ids.tolist() == [1, 2, 3] and store.row_of(2) == 1
+    assert store.meta["num_duplicates"] == 3 and store.meta["num_passages"] == 3
+    *per_line, summary = [r.getMessage() for r in caplog.records]
+    assert per_line == [f"skipped {path}:4: duplicate id 1 (first at line 2)",
+                        f"skipped {path}:7: duplicate id 2 (first at line 3)",
+                        f"skipped {path}:8: duplicate id 1 (first at line 2)"]  # fmt: skip
+    assert summary == f"{path}: skipped 3 line(s) with a repeated id; the first: line 4: " + per_line[0].split(": ")[-1]
+    assert [p.text for p in read_passages(str(path))] == ["one", "two", "three"]
+    with pytest.raises(MalformedLineError, match=rf"^malformed line \({path}:4\): duplicate id 1 \(first at line 2\)"):
+        list(read_passages(str(path), strict=True))
+    with pytest.raises(MalformedLineError, match=r"duplicate id 1 \(first at line 2\) \(and 2 more skipped line"):
+        PassageStore.open(str(path), strict=True)  # the cached sidecar
+    strings = tmp_path / "dup.jsonl"
+    strings.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n')
+    assert [p.text for p in read_passages(str(strings))] == ["x", "y"]
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "id\ttext\ttitle\n", "\ufeff"])
+def test_an_empty_corpus_is_an_error_naming_it(tmp_path, text):
+    path = tmp_path / "empty.tsv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputFileError, match=rf"^input file \({path}\): the file is empty \(no passages\)$"):
+        PassageStore.open(str(path))
+
+
+def test_missing_directory_and_unusable_corpora_are_errors_naming_them(tmp_path):
+    with pytest.raises(InputFileError, match=rf"^input file \({tmp_path / 'no.tsv'}\): no such file$"):
+        PassageStore.open(str(tmp_path / "no.tsv"))
+    (tmp_path / "dir.tsv").mkdir()
+    with pytest.raises(InputFileError, match=r"dir.tsv\): a directory, not a file$"):
+        list(read_passages(str(tmp_path / "dir.tsv")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1}\n{"id": 2, "text": ""}\n')
+    with pytest.raises(InputFileError, match=r"no usable passage: all 2 line\(s\) malformed; the first: line 1: "):
+        PassageStore.open(str(bad))
 
 
 @pytest.fixture

@@ -146,7 +146,7 @@ def test_save_load_round_trips(tmp_path, small, clustered):
         np.testing.assert_array_equal(after[1], before[1])
     assert isinstance(ShardedIndex.load(str(tmp_path / "sharded")).shards[0], ExactIndex)
     (tmp_path / "scann" / "scann_docids.pkl").write_bytes(b"not loaded")  # ScaNN's loader would unpickle it
-    with pytest.raises(ValueError, match="scann_docids.pkl: refusing to load a pickle"):
+    with pytest.raises(ValueError, match=r"scann_docids.pkl\): refusing to load a pickle"):
         load_index(str(tmp_path / "scann"))
     # an exact index saved from 8 devices loads onto 1
     ids, _ = ExactIndex.load(str(tmp_path / "exact"), devices=jax.devices()[:1]).search(q, K)

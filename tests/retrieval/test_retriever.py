@@ -341,5 +341,5 @@ def test_run_config_bm25_builds_a_lexical_retriever_and_freezes_the_question_enc
     assert retriever.lexical and retriever.embeddings is None and len(retriever.store) == len(corpus[0])
     assert resolve(cfg).train.freeze_query_encoder
     cfg.corpus.retriever = "sparse"
-    with pytest.raises(ValueError, match="config.corpus.retriever must be one of 'dense', 'bm25'; got 'sparse'"):
+    with pytest.raises(ValueError, match="config.corpus.retriever: must be one of 'dense', 'bm25'; got 'sparse'"):
         resolve(cfg)

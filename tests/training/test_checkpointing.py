@@ -19,7 +19,7 @@ from rag_jax.config import MeshConfig, read_run_config
 from rag_jax.models.configs import BartConfig, BertConfig
 from rag_jax.rag.model import init_rag_model
 from rag_jax.training import checkpointing, sharding
-from rag_jax.training.checkpointing import Checkpointer
+from rag_jax.training.checkpointing import STATE_ITEM, Checkpointer
 from rag_jax.training.step import Trainer, TrainState
 
 SAVE_STEP, LAST_STEP = 3, 5  # the run saves at step 3 only (save_every=3) and trains on to step 5
@@ -203,6 +203,40 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, caplog, how)
         assert ckpt.all_steps() == [1]  # the damaged step was moved aside, so step 2 can be saved again
         assert [p.name.startswith("2.corrupt-") for p in tmp_path.iterdir() if p.name.startswith("2")] == [True]
         assert ckpt.save(2, _state(2), {"pos": 2})
+
+
+def test_truncated_array_data_is_found_before_orbax_reads_it(tmp_path, monkeypatch):
+    """A restore that fails inside orbax leaves reads in flight whose completions hit a closed event loop
+    ("Event loop is closed" tracebacks from background threads), so a step whose array data is damaged
+    must be recognised before orbax restores it."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    state = {f"a{i}": jax.random.normal(k, (64, 64)) for i, k in enumerate(keys)}  # over OCDBT's inline size
+    with Checkpointer(tmp_path, save_every=1, keep=3) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {name: x + step for name, x in state.items()}, {"pos": step})
+    data_files = list((tmp_path / "2" / STATE_ITEM / "ocdbt.process_0" / "d").iterdir())
+    largest = max(data_files, key=lambda f: f.stat().st_size)
+    os.truncate(largest, largest.stat().st_size // 2)
+    assert "stored array chunk(s) cannot be read" in checkpointing.array_data_problem(tmp_path / "2" / STATE_ITEM)
+    assert checkpointing.array_data_problem(tmp_path / "1" / STATE_ITEM) is None
+    restored = []
+    restore_step = Checkpointer._restore_step
+    monkeypatch.setattr(Checkpointer, "_restore_step", lambda self, *a: restored.append(a[1]) or restore_step(self, *a))
+    with Checkpointer(tmp_path, save_every=1, keep=3, read_only=True) as ckpt:
+        with pytest.raises(checkpointing.CheckpointRestoreError, match=r"/2\): \d+ of its \d+ stored array chunk"):
+            ckpt.restore(_abstract(state), step=2)
+        _, data_state, step = ckpt.restore(_abstract(state))
+    assert (step, data_state, restored) == (1, {"pos": 1}, [1])
+
+
+def test_unparsable_metrics_file_is_a_one_line_error(tmp_path):
+    with Checkpointer(tmp_path, save_every=1, keep=3, best_metric="em") as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, _state(step), {"pos": step}, {"em": 0.5})
+    metrics = tmp_path / "2" / "metrics" / "metrics"
+    metrics.write_text(metrics.read_text()[:5])
+    with pytest.raises(checkpointing.CheckpointRestoreError, match=rf"^checkpoint \({metrics}\): not valid JSON"):
+        Checkpointer(tmp_path, save_every=1, keep=3, best_metric="em")
 
 
 def test_unfinished_save_is_ignored_and_cleaned(tmp_path):

@@ -54,6 +54,7 @@ import numpy as np
 import scann
 from scann.scann_ops.py.scann_builder import ReorderType
 
+from rag_jax.errors import InputFileError
 from rag_jax.retrieval.index.base import check_build_inputs, check_queries, merge_topk, read_meta, write_meta
 
 BRUTE_FORCE_BELOW = 20_000
@@ -191,7 +192,7 @@ class ScannIndex:
         meta = read_meta(directory, "scann")
         docids = os.path.join(directory, DOCIDS_PICKLE)
         if os.path.exists(docids):  # ScaNN's loader would unpickle it; save() never writes one
-            raise ValueError(f"{docids}: refusing to load a pickle (rag_jax's ScaNN indexes have no doc ids file)")
+            raise InputFileError("refusing to load a pickle (rag_jax's ScaNN indexes have no doc ids file)", where=docids)
         searcher = scann.scann_ops_pybind.load_searcher(directory, assets_backcompat_shim=False)
         if num_threads:
             searcher.set_num_threads(num_threads)
