@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rag_jax import objective, sharding
 from rag_jax.models.bart import Bart
-from rag_jax.optim import OptimizerConfig, global_norm, make_optimizer
+from rag_jax.optim import OptimizerConfig, chunk_size_for, global_norm, make_optimizer
 from rag_jax.rag import RagModel, doc_scores_from_embeddings, marginal_nll, per_doc_logits, question_vectors
 
 Variant = Literal["token", "sequence", "closed_book"]
@@ -222,17 +222,18 @@ class Trainer:
             count = jax.tree.leaves(batch)[0].shape[0]
         if self.cfg.loss_reduction == "mean":
             grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(jnp.add, state.params, updates)
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-        if self.cfg.skip_nonfinite:  # keep the previous parameters and optimizer state
-            params, opt_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
-            )
+        skip = ~finite if self.cfg.skip_nonfinite else None  # skipped: the previous parameters and optimizer state
+        params, opt_state = self.update(state.params, state.opt_state, grads, skip)
         metrics = {"loss": total / count, "grad_norm": grad_norm, "nonfinite": ~finite}
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
         return new_state, metrics
+
+    def update(self, params, opt_state, grads, skip: jax.Array | None = None):
+        """The optimizer step: new parameters and optimizer state, written over the old ones when they
+        are donated (in chunks on one CPU device, see ``rag_jax.optim.chunk_size_for``)."""
+        return self.tx.step(params, opt_state, grads, skip=skip, chunk_size=chunk_size_for(self.mesh.devices.flat))
 
     def batch_shardings(self, batch: dict) -> dict:
         return {k: sharding.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}

@@ -5,14 +5,13 @@ import functools
 
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from rag_jax import sharding
 from rag_jax.config import BartConfig, BertConfig
-from rag_jax.optim import OptimizerConfig, clip_by_global_norm, global_norm
+from rag_jax.optim import AdamWState, OptimizerConfig
 from rag_jax.rag import init_rag_model, question_vectors
 from rag_jax.train import TrainConfig, Trainer
 
@@ -172,7 +171,7 @@ def test_remat_and_bfloat16_compute():
 
 
 def _is_adam_state(node) -> bool:
-    return isinstance(node, optax.ScaleByAdamState)
+    return isinstance(node, AdamWState)
 
 
 def test_sharded_step_equals_single_device_step():
@@ -263,14 +262,3 @@ def test_to_model_carries_trained_parameters():
         np.asarray(logits), np.asarray(ref(batch["context_input_ids"][:, 0], batch["context_attention_mask"][:, 0], dec)),
         atol=1e-5,
     )
-
-
-@pytest.mark.parametrize("max_norm", [0.1, 1e3])  # clipping active / inactive
-def test_clip_by_global_norm_equals_optax(max_norm):
-    rng = np.random.default_rng(0)
-    grads = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": {"c": rng.normal(size=(5,)).astype(np.float32)}}
-    ours, _ = clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
-    ref, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
-    np.testing.assert_allclose(global_norm(grads), optax.tree.norm(grads), rtol=1e-6)
-    for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
