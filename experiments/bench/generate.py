@@ -14,6 +14,19 @@ returned sequence has the same number of tokens), float32, on CPU, in one proces
   timed for rag_jax alone, with its default ``mask_candidate_search=True``, and set against the
   reference's thorough decoding.
 
+The reference also runs with transformers' static KV cache (``cache_implementation="static"``) and
+with the static cache plus ``torch.compile`` of the forward pass (generate's own auto-compilation,
+which transformers enables off GPU only through ``CompileConfig._compile_all_devices``; the first
+call compiles and is not timed), where RAG's generate supports them (transformers 5.23):
+
+* RAG-Token greedy: ``RagTokenForGeneration.generate`` prepares the static cache itself, and the
+  outputs are those of the dynamic cache;
+* RAG-Sequence: its generate runs BART's ``generate`` per question, which takes the static cache;
+* RAG-Token beam search: no static-cache peer. After the first step
+  ``RagTokenForGeneration._reorder_cache`` rebuilds the cache from its tensors as a dynamic cache,
+  the static cache's unfilled positions included, and every later step attends to them: the outputs
+  differ from the dynamic cache's (all 8 rows of the small size, beams 4).
+
 The figure is generated tokens per second: the tokens after the decoder start token (EOS included,
 padding excluded) of the returned sequences, counted separately for each side, over the median wall
 time of one ``generate`` call. The outputs of both sides are compared (identical ids, or how many rows
@@ -42,6 +55,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import itertools
 import os
 import statistics
 import sys
@@ -55,7 +69,7 @@ import transformers
 
 # the training-step benchmark in this folder (importing it sets float32 matmul precision)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import alternate, machine, wait_for_quiet_cpu
+from train_step import alternate, machine, matmul_peak, timed, wait_for_quiet_cpu
 
 from rag_jax.commands import host_memory
 from rag_jax.hf.rag import load_rag
@@ -161,12 +175,25 @@ class CompileEvents:
         return out, time.perf_counter() - start, dict(self.count), dict(self.seconds)
 
 
+def reference_kinds(variant: str, num_beams: int) -> dict[str, dict]:
+    """The reference's generate settings that apply (see the module docstring): name -> extra kwargs."""
+    compiled = transformers.CompileConfig()
+    compiled._compile_all_devices = True  # generate compiles its forward pass on CPU too
+    kinds = {"dynamic cache": {}}
+    if variant == "sequence" or num_beams == 1:
+        kinds["static cache"] = {"cache_implementation": "static"}
+        kinds["static cache + torch.compile"] = {"cache_implementation": "static", "compile_config": compiled}
+    return kinds
+
+
 @dataclasses.dataclass
 class Row:
     size: str
     variant: str
     decoding: str  # "-" (RAG-Token), "thorough" or "fast"
     num_beams: int
+    reference: str  # a key of reference_kinds
+    reference_first_call_s: float
     tokens: dict  # side -> generated tokens per call
     seconds: dict  # side -> timed seconds per call
     first_call_s: float
@@ -177,7 +204,8 @@ class Row:
 
 
 def bench(size_name: str, variant: str, num_beams: int, model, rag, events: CompileEvents, args) -> list[Row]:
-    """One (size, variant, beams) setting; RAG-Sequence gives two rows (thorough, fast)."""
+    """One (size, variant, beams) setting: a row per rag_jax mode (RAG-Sequence: thorough, fast) and
+    reference kind."""
     size = SIZES[size_name]
     kw = dict(n_docs=size.n_docs, num_beams=num_beams, max_length=size.max_length, min_length=size.max_length)
     modes = {"-": dict(kw)} if variant == "token" else {
@@ -186,16 +214,24 @@ def bench(size_name: str, variant: str, num_beams: int, model, rag, events: Comp
     }  # fmt: skip
     batches = [contexts(size, seed) for seed in (0, 1)]
 
-    def reference():
-        ids, mask, scores = (torch.tensor(x) for x in batches[0])
-        with torch.no_grad():
-            return model.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=scores, **kw).numpy()
+    def reference(kind):
+        def generate():
+            ids, mask, scores = (torch.tensor(x) for x in batches[0])
+            with torch.no_grad():
+                return model.generate(
+                    context_input_ids=ids, context_attention_mask=mask, doc_scores=scores, **kw, **kinds[kind]
+                ).numpy()
+
+        return generate
 
     def ours(mode, batch=0):
         return lambda: rag.generate(*batches[batch], variant=variant, **modes[mode])
 
     label = f"[{size_name} RAG-{variant} beams={num_beams}]"
-    out_ref = reference()
+    kinds = reference_kinds(variant, num_beams)
+    refs = {kind: timed(reference(kind)) for kind in kinds}  # (ids, seconds of the first call)
+    for kind, (out, seconds) in refs.items():
+        print(f"{label} reference, {kind}: first call {seconds:.1f} s, {compare(out, refs['dynamic cache'][0])}")
     first, checks = {}, {}
     for mode in modes:
         jax.clear_caches()
@@ -207,18 +243,23 @@ def bench(size_name: str, variant: str, num_beams: int, model, rag, events: Comp
         print(f"{label} {mode}: first call {seconds:.1f} s {compile_s}; 2nd batch: {checks[mode]}", flush=True)
 
     load_before = wait_for_quiet_cpu(args.load_limit, args.max_wait)
-    fns = {"reference": reference, **{f"rag_jax {mode}": ours(mode) for mode in modes}}
+    fns = {
+        **{f"reference {kind}": reference(kind) for kind in kinds},
+        **{f"rag_jax {mode}": ours(mode) for mode in modes},
+    }
     timing = alternate(fns, args.rounds * args.calls, size.warmup, args.rounds, pause=0.05, verbose=True)
     load = (load_before, os.getloadavg()[0])
     rows = []
-    for mode, (out, first_call_s, compile_s) in first.items():
+    for (mode, (out, first_call_s, compile_s)), (kind, (out_ref, ref_first_s)) in itertools.product(
+        first.items(), refs.items()
+    ):
         same = compare(out, out_ref)
         if mode == "fast":
             same = f"vs reference thorough: {same}"
         rows.append(Row(
-            size_name, variant, mode, num_beams,
+            size_name, variant, mode, num_beams, kind, ref_first_s,
             tokens={"reference": generated_tokens(out_ref), "rag_jax": generated_tokens(out)},
-            seconds={"reference": timing["reference"].seconds, "rag_jax": timing[f"rag_jax {mode}"].seconds},
+            seconds={"reference": timing[f"reference {kind}"].seconds, "rag_jax": timing[f"rag_jax {mode}"].seconds},
             first_call_s=first_call_s, compile_s=compile_s, second_batch=checks[mode], same=same, load=load,
         ))  # fmt: skip
     return rows
@@ -230,17 +271,17 @@ def pinning() -> str:
     return "" if len(cpus) == os.cpu_count() else f"taskset -c {','.join(map(str, cpus))} "
 
 
-def report(rows: list[Row], args, total_s: float) -> str:
+def report(rows: list[Row], peaks: tuple[float, float], args, total_s: float) -> str:
     lines = [
         "# RAG generation: rag_jax vs transformers (PyTorch) generate, CPU",
         "",
         (
-            "| size | variant | decoding | beams | reference tok/s | rag_jax tok/s | **rag_jax / reference** "
-            "| reference s/call (median; min-max) | rag_jax s/call (median; min-max) | tokens/call ref / rag_jax "
-            "| rag_jax first call (s) | trace + lower + XLA compile (s) | same-shape 2nd batch | outputs "
-            "| load before/after |"
+            "| size | variant | decoding | beams | reference | reference tok/s | rag_jax tok/s "
+            "| **rag_jax / reference** | reference s/call (median; min-max) | rag_jax s/call (median; min-max) "
+            "| tokens/call ref / rag_jax | reference first call (s) | rag_jax first call (s) "
+            "| trace + lower + XLA compile (s) | same-shape 2nd batch | outputs | load before/after |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def spread(seconds):
@@ -253,9 +294,10 @@ def report(rows: list[Row], args, total_s: float) -> str:
         c = r.compile_s
         compile_s = f"{c.get('trace', 0):.1f} + {c.get('lower', 0):.1f} + {c.get('compile', 0):.1f}"
         lines.append(
-            f"| {r.size} | RAG-{r.variant.capitalize()} | {decoding} | {r.num_beams} | {ref_tps:.1f} | {ours_tps:.1f} "
-            f"| **{ours_tps / ref_tps:.2f}x** | {spread(r.seconds['reference'])} | {spread(r.seconds['rag_jax'])} "
-            f"| {r.tokens['reference']} / {r.tokens['rag_jax']} | {r.first_call_s:.1f} | {compile_s} "
+            f"| {r.size} | RAG-{r.variant.capitalize()} | {decoding} | {r.num_beams} | {r.reference} | {ref_tps:.1f} "
+            f"| {ours_tps:.1f} | **{ours_tps / ref_tps:.2f}x** | {spread(r.seconds['reference'])} "
+            f"| {spread(r.seconds['rag_jax'])} | {r.tokens['reference']} / {r.tokens['rag_jax']} "
+            f"| {r.reference_first_call_s:.1f} | {r.first_call_s:.1f} | {compile_s} "
             f"| {r.second_batch} | {r.same} | {r.load[0]:.2f}/{r.load[1]:.2f} |"
         )
     lines += ["", "Settings:", ""]
@@ -280,8 +322,13 @@ def report(rows: list[Row], args, total_s: float) -> str:
             "/ median seconds per call; the ratio is the throughput ratio (> 1: rag_jax faster). RAG-Sequence "
             "thorough: rag_jax with mask_candidate_search=False (the reference's algorithm); fast: rag_jax's Fast "
             "Decoding (default mask_candidate_search=True), which transformers does not implement, against the "
-            f"reference's thorough decoding. Timing: {args.rounds} rounds of blocks (reference, then each rag_jax "
-            f"mode), each block {warmups} and {args.calls} timed call(s), 50 ms pause before every call; "
+            "reference's thorough decoding. Reference: dynamic KV cache (generate's default), static cache "
+            "(cache_implementation='static'), static cache + torch.compile (generate's auto-compilation of the "
+            "forward pass, forced on CPU by CompileConfig._compile_all_devices), where RAG's generate supports them "
+            "(no static cache for RAG-Token beam search: see the script's docstring); reference first call = the "
+            f"untimed call that checks its outputs (it compiles, for torch.compile). Timing: {args.rounds} rounds of "
+            f"blocks (each reference kind, then each rag_jax mode), each block {warmups} and {args.calls} timed "
+            "call(s), 50 ms pause before every call; "
             "medians over the timed calls. First call = trace + compile + one generation of a fresh program "
             "(jax caches cleared); its trace / lower / compile seconds are jax's monitoring events. Same-shape 2nd "
             "batch = traces and XLA compilations triggered by generating a batch with other ids, padding and doc "
@@ -291,6 +338,11 @@ def report(rows: list[Row], args, total_s: float) -> str:
             "Load = 1-minute load average before/after timing (this benchmark's own work counts in it); absolute "
             "figures drift with the host, the ratios are measured within one run with alternating blocks. "
             f"Total run time {total_s:.0f} s."
+        ),
+        "",
+        (
+            f"Measured float32 matmul peak (2048x2048, best of 10): jitted jnp.dot {peaks[0] / 1e9:.1f} GFLOP/s, "
+            f"torch.mm {peaks[1] / 1e9:.1f} GFLOP/s."
         ),
         "",
         f"Command: `{pinning()}python {' '.join(sys.argv)}`",
@@ -317,6 +369,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     events = CompileEvents()
+    peaks = matmul_peak()
     sizes = ["small", "base"] if args.size == "both" else [args.size]
     variants = ["token", "sequence"] if args.variant == "both" else [args.variant]
     rows = []
@@ -329,7 +382,7 @@ def main(argv=None):
                 rag = load_rag(folder)
             for n in args.beams:
                 rows += bench(size_name, variant, n, model, rag, events, args)
-    text = report(rows, args, time.perf_counter() - start)
+    text = report(rows, peaks, args, time.perf_counter() - start)
     print(text)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

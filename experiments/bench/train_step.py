@@ -9,7 +9,11 @@ weight decay 0.001 on matrices only), warmup 500 then linear decay.
   ``context_attention_mask`` ``[B*K, S]`` (document fastest), ``doc_scores`` from the question
   encoder's CLS vector and the retrieved documents' embeddings by ``torch.bmm`` (so the question
   encoder is trained, as in transformers' RAG fine-tuning), ``labels``, ``reduce_loss=True``; then
-  ``backward``, ``clip_grad_norm_``, ``AdamW.step``, scheduler step, ``zero_grad``.
+  ``backward``, ``clip_grad_norm_``, ``AdamW(..., fused=True).step`` (torch's fastest AdamW, one
+  kernel per parameter), scheduler step, ``zero_grad``;
+* reference, ``torch.compile``: the same step with the loss function ``torch.compile``d (forward
+  and, through AOTAutograd, backward); where it does not compile, the report says so with the
+  error's first line (``--no-torch-compile``: not run);
 * rag_jax: ``Trainer(model, resolve(reference_recipe() with train.form="hf").train).train_step`` (jitted, donated).
 
 Both sides run in one process, in rounds of blocks (a reference block, then a rag_jax block), each
@@ -18,7 +22,12 @@ examples/s, the throughput ratio rag_jax / reference, the compile time of the ji
 step's FLOPs from XLA's cost analysis and the fraction of the machine's measured float32 matmul peak
 (a jitted 2048x2048 ``jnp.dot``) that they represent, and the minor page faults per step.
 ``--breakdown`` also times the forward pass alone and forward + backward (no optimizer) on both
-sides. Before timing, both sides' dropout-free losses on the batch are compared (same weights, same
+sides, and the update phase alone: rag_jax's jitted, donated ``Trainer.update`` (clip + fused AdamW)
+against ``clip_grad_norm_`` + ``AdamW(fused=True).step()`` on the same parameters with random
+gradients, set against the memory-traffic bound (28 bytes per parameter: read parameter, gradient
+and both moments, write parameter and moments, at the bandwidth of a jitted ``y += x / 2``). The
+peak RSS of each side's training step is measured in a fresh process per side (``--no-memory``:
+skipped), next to XLA's temporary buffer of the step. Before timing, both sides' dropout-free losses on the batch are compared (same weights, same
 objective). Run as a script, the benchmark first re-executes itself with glibc's malloc using
 transparent huge pages, as the ``rag-jax`` command runs (``rag_jax.commands.host_memory``); the reference shares
 the process and so the setting (``RAG_JAX_HUGE_PAGES=0`` runs both without).
@@ -29,7 +38,9 @@ the process and so the setting (``RAG_JAX_HUGE_PAGES=0`` runs both without).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import os
 import platform
 import resource
@@ -195,20 +206,37 @@ class TorchStep:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         self.optimizer = torch.optim.AdamW(
-            groups, lr=RECIPE.learning_rate, betas=(RECIPE.b1, RECIPE.b2), eps=RECIPE.eps
+            groups, lr=RECIPE.learning_rate, betas=(RECIPE.b1, RECIPE.b2), eps=RECIPE.eps, fused=True
         )
         self.scheduler = transformers.get_linear_schedule_with_warmup(
             self.optimizer, RECIPE.warmup_steps, RECIPE.total_steps
         )
 
-    def __call__(self, tb) -> float:
-        loss = torch_loss(self.model, tb)
+    def __call__(self, tb, loss_fn=torch_loss) -> float:
+        loss = loss_fn(self.model, tb)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), RECIPE.clip_norm)
-        self.optimizer.step()
+        self.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach().item()
+
+    def update(self) -> None:
+        """The update phase: clip the gradients by their global norm, AdamW step."""
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), RECIPE.clip_norm)
+        self.optimizer.step()
+
+
+def compiled_loss(model, tb) -> tuple[object | None, float, str | None]:
+    """``torch.compile(torch_loss)``, the seconds of its first forward + backward (the compilation),
+    and None; or None, 0 and why not (the first line of the error) where it does not compile."""
+    loss_fn = torch.compile(torch_loss)
+    try:
+        (_, seconds) = timed(lambda: loss_fn(model, tb).backward())
+    except Exception as e:  # noqa: BLE001 -- any compiler failure is reported, not raised
+        return None, 0.0, f"did not compile: `{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}`"
+    finally:
+        model.zero_grad(set_to_none=True)
+    return loss_fn, seconds, None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,6 +301,20 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> tuple[float, float]:
     return 2 * n**3 / jax_s, 2 * n**3 / torch_s
 
 
+def memory_bandwidth(n: int = 1 << 26, reps: int = 10) -> float:
+    """Measured bytes/s of a jitted, donated ``y += x / 2`` over float32 arrays of ``n`` elements
+    (read x and y, write y), best of reps."""
+    x, y = jnp.ones(n, jnp.float32), jnp.zeros(n, jnp.float32)
+    axpy = jax.jit(lambda y, x: y + x / 2, donate_argnums=0)
+    y = axpy(y, x).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        y = axpy(y, x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 3 * 4 * n / best
+
+
 def wait_for_quiet_cpu(limit: float, max_wait_s: float) -> float:
     """Poll the 1-minute load average every 30 s until it is below ``limit`` (or time runs out)."""
     deadline = time.time() + max_wait_s
@@ -282,19 +324,71 @@ def wait_for_quiet_cpu(limit: float, max_wait_s: float) -> float:
     return os.getloadavg()[0]
 
 
+# ------------------------------------------------------------------------------------------------
+# Memory
+
+
+def _status_kib(field: str) -> int:
+    return int(_proc_field("/proc/self/status", field).split()[0])
+
+
+def reference_recipe_trainer(rag, variant: str) -> Trainer:
+    """rag_jax's trainer with the reference's recipe and exact loss (``form="hf"``)."""
+    config = with_changes(reference_recipe(), rag={"variant": variant}, train={"form": "hf"})
+    return Trainer(rag, resolve(config).train)
+
+
+def step_memory(side: str, folder: str, size_name: str, variant: str, threads: int, steps: int = 2) -> tuple[int, int]:
+    """Run in a fresh process: one side's training step on the model saved in ``folder``. After a
+    first step (compilation, optimizer state), the RSS and the peak RSS over ``steps`` more steps
+    (bytes; the peak counter is reset through /proc/self/clear_refs)."""
+    torch.set_num_threads(threads)
+    batch = make_batch(SIZES[size_name])
+    if side == "reference":
+        cls = transformers.RagTokenForGeneration if variant == "token" else transformers.RagSequenceForGeneration
+        torch_step, tb = TorchStep(cls.from_pretrained(folder).train()), torch_batch(batch)
+
+        def step():
+            torch_step(tb)
+
+    else:
+        trainer = reference_recipe_trainer(load_rag(folder), variant)
+        state = [trainer.init_state()]
+
+        def step():
+            state[0], _ = jax.block_until_ready(trainer.train_step(state[0], batch))
+
+    step()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+        f.write("5")
+    for _ in range(steps):
+        step()
+    return 1024 * before, 1024 * _status_kib("VmHWM")
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a new Python process (spawned: nothing inherited but the environment)."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 @dataclasses.dataclass
 class Result:
     size: str
     settings: str
     params_m: float
-    step: dict  # "reference" / "rag_jax" -> Timing
+    step: dict  # "reference" / "reference (torch.compile)" / "rag_jax" -> Timing
     first_call_s: float
     compile_s: float
+    torch_compile: tuple[float, str | None]  # first compiled step's seconds, or why there is none
     flops: float
     temp_bytes: int
     loss_check: str
     load: tuple[float, float]
+    memory: dict | None  # side -> (RSS after a first step, peak RSS over the next steps), bytes
     breakdown: dict | None = None  # part -> {"reference": Timing, "rag_jax": Timing}
+    update: dict | None = None  # the update phase alone: see time_update
 
 
 def bench_size(name: str, variant: str, args) -> Result:
@@ -302,13 +396,18 @@ def bench_size(name: str, variant: str, args) -> Result:
     steps = args.steps if args.steps is not None else DEFAULT_STEPS[name]
     print(f"[{name}] building models", flush=True)
     model = torch_rag(size, variant)
+    memory = None
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         rag = load_rag(folder)
+        if args.memory:
+            print(f"[{name}] peak RSS of each side's step, each in a fresh process", flush=True)
+            memory = {side: in_fresh_process(step_memory, side, folder, name, variant, args.threads)
+                      for side in ("reference", "rag_jax")}  # fmt: skip
     n_params = sum(p.numel() for p in model.parameters())
     batch = make_batch(size)
     tb = torch_batch(batch)
-    trainer = Trainer(rag, resolve(with_changes(reference_recipe(), rag={"variant": variant}, train={"form": "hf"})).train)
+    trainer = reference_recipe_trainer(rag, variant)
     state = trainer.init_state()
 
     # Same weights, same objective: the dropout-free losses agree.
@@ -337,22 +436,28 @@ def bench_size(name: str, variant: str, args) -> Result:
         jax_state[0], metrics = jax.block_until_ready(trainer.train_step(jax_state[0], batch))
         return metrics
 
+    print(f"[{name}] torch.compile of the reference loss", flush=True)
+    loss_fn, torch_compile_s, compile_error = (
+        compiled_loss(model, tb) if args.torch_compile else (None, 0.0, "not run (--no-torch-compile)")
+    )
+    print(f"[{name}] torch.compile: {compile_error or f'first forward + backward {torch_compile_s:.1f} s'}", flush=True)
+    fns = {"reference": lambda: torch_step(tb)}
+    if loss_fn is not None:
+        fns["reference (torch.compile)"] = lambda: torch_step(tb, loss_fn)
     load_before = wait_for_quiet_cpu(args.load_limit, 600)
-    step = alternate(
-        {"reference": lambda: torch_step(tb), "rag_jax": jax_step}, steps, args.warmup, args.rounds, args.pause,
-        verbose=True,
-    )  # fmt: skip
+    step = alternate({**fns, "rag_jax": jax_step}, steps, args.warmup, args.rounds, args.pause, verbose=True)
     load_after = os.getloadavg()[0]
 
-    parts = None
+    parts = update = None
     if args.breakdown:
         parts = time_parts(model, tb, trainer, jax_state[0], batch, steps, args)
+        update = time_update(torch_step, trainer, jax_state.pop(), steps, args)
     settings = (
         f"B={size.batch}, K={size.n_docs}, question len {size.question_len}, context len S={size.context_len}, "
         f"target len T={size.target_len}"
     )
-    return Result(name, settings, n_params / 1e6, step, first_call_s, compile_s, flops, temp_bytes, loss_check,
-                  (load_before, load_after), parts)  # fmt: skip
+    return Result(name, settings, n_params / 1e6, step, first_call_s, compile_s, (torch_compile_s, compile_error),
+                  flops, temp_bytes, loss_check, (load_before, load_after), memory, parts, update)  # fmt: skip
 
 
 def time_parts(model, tb, trainer: Trainer, state, batch, steps: int, args) -> dict:
@@ -393,6 +498,29 @@ def time_parts(model, tb, trainer: Trainer, state, batch, steps: int, args) -> d
     return out
 
 
+def time_update(torch_step: TorchStep, trainer: Trainer, state, steps: int, args) -> dict:
+    """The update phase alone on random gradients: rag_jax's jitted ``Trainer.update`` (global-norm
+    clip + fused AdamW) with parameters and optimizer state donated (``state`` is consumed), against
+    the reference's ``clip_grad_norm_`` + ``AdamW(fused=True).step()`` and its AdamW step alone; with
+    the number of parameters (for the memory-traffic bound) and the update's XLA temp buffer."""
+    for p in torch_step.model.parameters():
+        p.grad = 1e-3 * torch.randn_like(p)
+    key = jax.random.key(2)
+    grads = jax.tree.map(lambda p: 1e-3 * jax.random.normal(key, p.shape, p.dtype), state.params)
+    compiled = jax.jit(trainer.update, donate_argnums=(0, 1)).lower(state.params, state.opt_state, grads).compile()
+    jax_state = [state.params, state.opt_state]
+
+    def jax_update():
+        jax_state[:] = jax.block_until_ready(compiled(*jax_state, grads))
+
+    fns = {"reference": torch_step.update, "reference AdamW step": torch_step.optimizer.step, "rag_jax": jax_update}
+    print("  update phase alone", flush=True)
+    timing = alternate(fns, steps, args.warmup, args.rounds, args.pause)
+    torch_step.optimizer.zero_grad(set_to_none=True)
+    n_params = sum(x.size for x in jax.tree.leaves(jax_state[0]))
+    return {"timing": timing, "params": n_params, "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
+
+
 # ------------------------------------------------------------------------------------------------
 # Report
 
@@ -415,31 +543,67 @@ def machine() -> str:
     )
 
 
-def report(results: list[Result], peaks: tuple[float, float], args, total_s: float) -> str:
+REFERENCES = {"reference": "eager", "reference (torch.compile)": "torch.compile'd loss"}
+
+
+def torch_compile_outcome(r: Result) -> str:
+    seconds, error = r.torch_compile
+    return error or f"first compiled forward + backward {seconds:.1f} s"
+
+
+def update_line(r: Result, bandwidth: float) -> str:
+    """The update phase alone against torch's fused AdamW and the memory-traffic bound."""
+    u = r.update
+    t, a, j = (u["timing"][side].median for side in ("reference", "reference AdamW step", "rag_jax"))
+    bound = 28 * u["params"] / bandwidth
+    return (
+        f"- {r.size}, update phase alone: rag_jax `Trainer.update` (jitted, donated; clip + fused AdamW) {j:.4f} s; "
+        f"reference `clip_grad_norm_` + `AdamW(fused=True).step()` {t:.4f} s (**{t / j:.2f}x**), the AdamW step "
+        f"alone {a:.4f} s ({a / j:.2f}x); memory-traffic bound 28 B x {u['params'] / 1e6:.1f}M parameters / "
+        f"{bandwidth / 1e9:.1f} GB/s = {bound:.4f} s: rag_jax **{j / bound:.2f}x** the bound, torch's AdamW step "
+        f"{a / bound:.2f}x; XLA temp buffer of the jitted update {u['temp_bytes'] / 2**20:.1f} MiB."
+    )
+
+
+def memory_line(r: Result) -> str:
+    gib = [(side, (before / 2**30, peak / 2**30)) for side, (before, peak) in r.memory.items()]
+    return (
+        f"- {r.size}, peak RSS over two training steps, each side alone in a fresh process after a first step: "
+        + "; ".join(f"{side} **{peak:.2f} GiB** (RSS before them {before:.2f} GiB)" for side, (before, peak) in gib)
+        + f"; XLA temp buffer of the rag_jax step {r.temp_bytes / 2**20:.0f} MiB."
+    )
+
+
+def report(results: list[Result], peaks: tuple[float, float], bandwidth: float, args, total_s: float) -> str:
     jax_peak, torch_peak = peaks
     lines = [
         "# RAG training step: rag_jax vs transformers (PyTorch), CPU",
         "",
         (
-            "| size | params (M) | reference step (s) | rag_jax step (s) | reference steps/s | rag_jax steps/s "
+            "| size | reference | params (M) | reference step (s) | rag_jax step (s) | reference steps/s | rag_jax steps/s "
             "| reference ex/s | rag_jax ex/s | **rag_jax / reference** | rag_jax compile (s) | step GFLOP (XLA) "
             "| reference % of peak | rag_jax % of peak | page faults/step ref / rag_jax |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        t, j = r.step["reference"].median, r.step["rag_jax"].median
-        b = SIZES[r.size].batch
-        faults = " / ".join(f"{statistics.median(r.step[s].faults) / 1e3:.0f}k" for s in ("reference", "rag_jax"))
-        lines.append(
-            f"| {r.size} | {r.params_m:.1f} | {t:.4f} | {j:.4f} | {1 / t:.2f} | {1 / j:.2f} "
-            f"| {b / t:.2f} | {b / j:.2f} "
-            f"| **{t / j:.2f}x** | {r.compile_s:.1f} | {r.flops / 1e9:.1f} | {100 * r.flops / t / jax_peak:.0f}% "
-            f"| {100 * r.flops / j / jax_peak:.0f}% | {faults} |"
-        )
+        for side, kind in REFERENCES.items():
+            if side not in r.step:
+                lines.append(f"| {r.size} | {kind} | {r.torch_compile[1]} |")
+                continue
+            t, j = r.step[side].median, r.step["rag_jax"].median
+            b = SIZES[r.size].batch
+            faults = " / ".join(f"{statistics.median(r.step[s].faults) / 1e3:.0f}k" for s in (side, "rag_jax"))
+            lines.append(
+                f"| {r.size} | {kind} | {r.params_m:.1f} | {t:.4f} | {j:.4f} | {1 / t:.2f} | {1 / j:.2f} "
+                f"| {b / t:.2f} | {b / j:.2f} "
+                f"| **{t / j:.2f}x** | {r.compile_s:.1f} | {r.flops / 1e9:.1f} | {100 * r.flops / t / jax_peak:.0f}% "
+                f"| {100 * r.flops / j / jax_peak:.0f}% | {faults} |"
+            )
     if any(r.breakdown for r in results):
         lines += [
-            "", "Breakdown (median s; optimizer = full step - (forward + backward)):", "",
+            "", ("Breakdown (median s; optimizer = full step - (forward + backward), eager reference; update phase "
+                 "alone: see below):"), "",
             "| size | part | reference (s) | rag_jax (s) | rag_jax / reference |", "|---|---|---|---|---|",
         ]  # fmt: skip
         for r in results:
@@ -448,8 +612,11 @@ def report(results: list[Result], peaks: tuple[float, float], args, total_s: flo
             rows = {label: (p["reference"].median, p["rag_jax"].median) for label, p in r.breakdown.items()}
             fb = rows["forward + backward"]
             rows["optimizer (step - fwd/bwd)"] = (r.step["reference"].median - fb[0], r.step["rag_jax"].median - fb[1])
+            update = r.update["timing"]
+            rows["update phase alone (clip + AdamW)"] = (update["reference"].median, update["rag_jax"].median)
             for label, (t, j) in rows.items():
                 lines.append(f"| {r.size} | {label} | {t:.4f} | {j:.4f} | {t / j:.2f}x |")
+        lines += [""] + [update_line(r, bandwidth) for r in results if r.update]
     lines += ["", "Settings:", ""]
     for r in results:
         ref, ours = r.step["reference"], r.step["rag_jax"]
@@ -458,14 +625,17 @@ def report(results: list[Result], peaks: tuple[float, float], args, total_s: flo
             f"{min(ref.seconds):.4f}/{max(ref.seconds):.4f}, rag_jax {min(ours.seconds):.4f}/{max(ours.seconds):.4f}; "
             f"first rag_jax call (trace + compile + 1 step) {r.first_call_s:.1f} s; XLA temp buffer "
             f"{r.temp_bytes / 2**20:.0f} MiB per step; 1-min load average before/after timing "
-            f"{r.load[0]:.2f}/{r.load[1]:.2f}; dropout-free loss rag_jax vs reference {r.loss_check}."
+            f"{r.load[0]:.2f}/{r.load[1]:.2f}; dropout-free loss rag_jax vs reference {r.loss_check}; "
+            f"torch.compile: {torch_compile_outcome(r)}."
         )
+    lines += [memory_line(r) for r in results if r.memory]
     lines += [
         "",
         (
             f"RAG-{args.variant.capitalize()}, float32 everywhere (jax_default_matmul_precision=highest), "
             "dropout 0.1 (attention dropout 0.1), label smoothing 0.1, batch-summed loss, clip 0.1, AdamW lr 3e-5 "
-            "wd 0.001, warmup 500 + linear decay; rag_jax: "
+            "wd 0.001, warmup 500 + linear decay; reference: torch.optim.AdamW(fused=True), eager or with the loss "
+            "function torch.compile'd (default inductor backend); rag_jax: "
             "`Trainer(model, resolve(reference_recipe() with train.form=\"hf\").train).train_step`, one device. "
             f"Threads: torch.set_num_threads({args.threads}); XLA:CPU uses all {os.cpu_count()} cores. "
             f"Timing: {args.rounds} rounds of blocks (reference block, rag_jax block), each block {args.warmup} "
@@ -477,7 +647,8 @@ def report(results: list[Result], peaks: tuple[float, float], args, total_s: flo
         "",
         (
             f"Measured float32 matmul peak (2048x2048, best of 10): jitted jnp.dot {jax_peak / 1e9:.1f} GFLOP/s, "
-            f"torch.mm {torch_peak / 1e9:.1f} GFLOP/s. Total run time {total_s:.0f} s."
+            f"torch.mm {torch_peak / 1e9:.1f} GFLOP/s. Measured memory bandwidth (jitted, donated y += x / 2 over "
+            f"256 MiB float32 arrays, best of 10): {bandwidth / 1e9:.1f} GB/s. Total run time {total_s:.0f} s."
         ),
         "",
         f"Command: `python {' '.join(sys.argv)}`",
@@ -498,7 +669,10 @@ def main(argv=None):
     parser.add_argument("--pause", type=float, default=0.05, help="seconds of idle before every timed call")
     parser.add_argument("--variant", choices=["token", "sequence"], default="token")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--breakdown", action="store_true", help="also time forward and forward + backward")
+    parser.add_argument("--breakdown", action="store_true", help="also time forward, fwd + bwd and the update alone")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-side peak-RSS runs")
+    parser.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
+                        help="skip the torch.compile'd reference")  # fmt: skip
     parser.add_argument("--load-limit", type=float, default=1.5, help="wait until the load average is below this")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -506,10 +680,11 @@ def main(argv=None):
     start = time.perf_counter()
     sizes = ["tiny", "mid"] if args.size == "both" else [args.size]
     wait_for_quiet_cpu(args.load_limit, 600)
-    peaks = matmul_peak()
-    print(f"matmul peak: jax {peaks[0] / 1e9:.1f} GFLOP/s, torch {peaks[1] / 1e9:.1f} GFLOP/s", flush=True)
+    peaks, bandwidth = matmul_peak(), memory_bandwidth()
+    print(f"matmul peak: jax {peaks[0] / 1e9:.1f} GFLOP/s, torch {peaks[1] / 1e9:.1f} GFLOP/s; "
+          f"memory bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)  # fmt: skip
     results = [bench_size(name, args.variant, args) for name in sizes]
-    text = report(results, peaks, args, time.perf_counter() - start)
+    text = report(results, peaks, bandwidth, args, time.perf_counter() - start)
     print(text)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
