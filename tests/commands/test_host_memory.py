@@ -28,7 +28,7 @@ def test_opt_out():
 @pytest.mark.skipif(not LINUX_WITH_THP, reason="needs Linux with transparent huge pages")
 def test_reexecution_runs_the_same_command_line_with_the_tunable():
     code = (
-        "import os, sys; from rag_jax import host_memory; "
+        "import os, sys; from rag_jax.commands import host_memory; "
         "print('start', flush=True); host_memory.reexec_with_huge_pages(); "
         "print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])"
     )

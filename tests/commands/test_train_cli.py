@@ -127,7 +127,7 @@ def test_unknown_override_is_an_error(task, tmp_path, capsys):
     spec = write_config(task, tmp_path, str(tmp_path / "run"))
     assert cli.main(["train", "--config", spec, "--config.train.stepz=3"]) == 1
     assert capsys.readouterr().err == (f"rag-jax train: config ({spec}): override '--config.train.stepz=3': no field "
-                                       "'train.stepz' in the config\n")  # fmt: skip
+                                       "'train.stepz' in the config; did you mean 'train.steps'?\n")  # fmt: skip
 
 
 # -- subprocess runs -----------------------------------------------------------------------------
