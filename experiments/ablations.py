@@ -25,6 +25,12 @@ Ablations (``--only`` picks some; the defaults follow the paper's choices):
 * ``variant``: closed-book vs RAG-Sequence vs RAG-Token, and the index hot-swap: the quickstart's own
   measurements from ``results.json`` (``--quickstart`` only), repeated here so one file holds every
   ablation.
+* ``score_scale``: the retrieval score scale ``doc_scores = scale * q . d`` (``rag.score_scale``) fixed
+  at 1, fixed at 20, and learned from 1 (``rag.learn_score_scale``, its own learning rate 0.05):
+  RAG-Token and RAG-Sequence trained with each (the given runs stand for the setting they were trained
+  with; the others are trained like them), then the test-time k sweep of ``k`` for each: EM, answer
+  recall@k and the mean p(top doc|x). With a cosine encoder (MiniLM) and scale 1, p(z|x) cannot
+  concentrate and EM falls as k grows.
 
 Writes ``OUT/ablations.md`` (every table, with the command and machine), ``OUT/results.json``,
 a plot per ablation (``OUT/*.png``); the training ablations' runs go to ``OUT/runs/`` (a re-run
@@ -42,13 +48,20 @@ import time
 
 import numpy as np
 
-from rag_jax.config import saved_run_config, with_changes
+from rag_jax.config import resolve, saved_run_config, with_changes
 from rag_jax.quickstart.pipeline import answer_recall
 from rag_jax.quickstart.report import LABELS
 from rag_jax.training import components, evaluate, loop
+from rag_jax.training.metric_writer import read_metrics
 
-ABLATIONS = ("variant", "k", "decoding", "retriever", "query_encoder")
+ABLATIONS = ("variant", "k", "decoding", "retriever", "query_encoder", "score_scale")
 TEST_KS = (1, 5, 10, 20, 50)
+SCORE_SCALES = {  # setting -> run config changes
+    "fixed 1": {"rag": {"score_scale": 1.0, "learn_score_scale": False}},
+    "fixed 20": {"rag": {"score_scale": 20.0, "learn_score_scale": False}},
+    "learned from 1": {"rag": {"score_scale": 1.0, "learn_score_scale": True},
+                       "train": {"score_scale_learning_rate": 0.05}},
+}  # fmt: skip
 
 
 class Runs:
@@ -62,6 +75,7 @@ class Runs:
             self.examples = self.examples[:max_examples]
         self._models = {}
         self._retrievers = {}
+        self._k_rows = {}
 
     def model(self, variant: str):
         if variant not in self._models:
@@ -96,24 +110,38 @@ class Runs:
     def recall(self, k: int, encoder_params=None, retriever: str = "dense") -> float:
         return answer_recall(self.retriever(retriever), encoder_params, self.examples, k, batch_size=100)
 
-    def top_prior(self, k: int, encoder_params=None) -> float:
-        """The mean retrieval prior p(z|x) = softmax(doc scores) of the top document among k."""
+    def top_prior(self, k: int, model) -> float:
+        """The mean retrieval prior p(z|x) = softmax(doc scores) of the top document among k, with
+        ``model``'s question encoder and score scale."""
         priors = []
         for start in range(0, len(self.examples), 100):
             chunk = self.examples[start : start + 100]
-            found = self.retriever().retrieve([ex.question for ex in chunk], k=k, query_encoder_params=encoder_params)
+            found = self.retriever().retrieve([ex.question for ex in chunk], k=k, score_scale=model.score_scale,
+                                              query_encoder_params=model.question_encoder.params)  # fmt: skip
             scores_BxK = found.doc_scores_BxK - found.doc_scores_BxK.max(axis=1, keepdims=True)
             priors += list(np.exp(scores_BxK[:, 0]) / np.exp(scores_BxK).sum(axis=1))
         return float(np.mean(priors))
+
+    def k_row(self, variant: str, model, k: int) -> dict:
+        """Test metrics of ``model`` with k documents (RAG-Sequence decoding "fast") and its mean
+        p(top doc|x) (``top_prior``); computed once per (variant, model, k)."""
+        key = (variant, id(model), k)
+        if key not in self._k_rows:  # the model is kept with its rows, so its id is not reused
+            row = {**self.evaluate(variant, model, k=k, decoding="fast"), "top_prior": self.top_prior(k, model)}
+            self._k_rows[key] = (model, row)
+            print(f"k: {LABELS[variant]} k={k}: EM {row['em']:.3f} recall@k {row['recall_at_k']:.3f} "
+                  f"p(top doc) {row['top_prior']:.3f}", flush=True)  # fmt: skip
+        return self._k_rows[key][1]
 
 
 def train_run(base_cfg, run_dir: str, **sections):
     """Train (or resume / reuse) a run with ``base_cfg``'s settings changed; returns its model and
     training seconds (0 when it was already trained)."""
     cfg = with_changes(base_cfg, run_dir=run_dir, **sections)
+    trained = any(r["step"] >= cfg.train.steps and "train/loss" in r for r in read_metrics(run_dir))
     start = time.perf_counter()
     loop.train(cfg)
-    return evaluate.load_trained_model(cfg)[0], time.perf_counter() - start
+    return evaluate.load_trained_model(cfg)[0], 0.0 if trained else time.perf_counter() - start
 
 
 # -- the ablations -------------------------------------------------------------------------------
@@ -141,14 +169,7 @@ def ablate_variant(runs: Runs, args) -> tuple[dict, str]:
 
 
 def ablate_k(runs: Runs, args) -> tuple[dict, str]:
-    result = {}
-    for variant in ("token", "sequence"):
-        for k in TEST_KS:
-            row = runs.evaluate(variant, k=k, decoding="fast")
-            if variant == "token":
-                row["top_prior"] = runs.top_prior(k)
-            result[f"{variant}/{k}"] = row
-            print(f"k: {LABELS[variant]} k={k}: EM {row['em']:.3f} recall@k {row['recall_at_k']:.3f}", flush=True)
+    result = {f"{v}/{k}": runs.k_row(v, runs.model(v), k) for v in ("token", "sequence") for k in TEST_KS}
     header = "| test k | RAG-Token EM | RAG-Sequence EM (fast) | answer recall@k | p(top doc given x) | seconds (t / s) |"
     lines = [header, "|---|---|---|---|---|---|"]
     for k in TEST_KS:
@@ -218,6 +239,48 @@ def ablate_query_encoder(runs: Runs, args) -> tuple[dict, str]:
     return {**rows, "frozen_train_s": train_s}, "\n".join(lines) + "\n\n![question encoder](query_encoder.png)\n"
 
 
+def score_scale_model(runs: Runs, args, variant: str, setting: str):
+    """The ``variant`` model trained with the score-scale ``setting``: the given run when it was trained
+    so, else a run trained like it with the setting's changes; returns it and the training seconds
+    (None for the given run)."""
+    changes, cfg = SCORE_SCALES[setting], runs.cfg[variant]
+    if (resolve(with_changes(cfg, **changes)).train == resolve(cfg).train
+            and runs.model(variant).score_scale == changes["rag"]["score_scale"]):  # fmt: skip
+        return runs.model(variant), None
+    run_dir = os.path.join(args.out, "runs", f"{variant}-scale-{setting.replace(' ', '-')}")
+    return train_run(cfg, run_dir, **changes)
+
+
+def ablate_score_scale(runs: Runs, args) -> tuple[dict, str]:
+    result = {}
+    for setting in SCORE_SCALES:
+        for variant in ("token", "sequence"):
+            model, train_s = score_scale_model(runs, args, variant, setting)
+            result[f"{setting}/{variant}"] = {"score_scale": model.score_scale, "train_s": train_s,
+                                              **{str(k): runs.k_row(variant, model, k) for k in TEST_KS}}  # fmt: skip
+    ks = " | ".join(f"k={k}" for k in TEST_KS)
+    lines = []
+    for metric, title in (("em", "test EM"), ("top_prior", "mean p(top doc given x)"),
+                          ("recall_at_k", "answer recall@k")):  # fmt: skip
+        drop = f" best EM - EM at k={TEST_KS[-1]} |" if metric == "em" else ""
+        lines += [f"{title}:", "", f"| score scale | model | scale after training | {ks} |{drop}",
+                  "|---" * (len(TEST_KS) + 3 + bool(drop)) + "|"]  # fmt: skip
+        for name, row in result.items():
+            setting, variant = name.split("/")
+            values = [row[str(k)][metric] for k in TEST_KS]
+            drop_value = f" {max(values) - values[-1]:.3f} |" if drop else ""
+            lines.append(f"| {setting} | {LABELS[variant]} | {row['score_scale']:.2f} | "
+                         + " | ".join(f"{v:.3f}" for v in values) + f" |{drop_value}")  # fmt: skip
+        lines.append("")
+    given = [name for name, row in result.items() if row["train_s"] is None]
+    trained = {name: row["train_s"] for name, row in result.items() if row["train_s"] is not None}
+    lines += [f"The given runs: {', '.join(given)}. Trained here, with their steps and settings otherwise: "
+              + ", ".join(f"{n} ({s:.0f} s)" for n, s in trained.items()) + " (0 s: trained by an earlier "
+              "invocation, reused).", "", "![score scale: EM and p(top doc) against k](score_scale.png)"]  # fmt: skip
+    _plot_score_scale(os.path.join(args.out, "score_scale.png"), result)
+    return result, "\n".join(lines) + "\n"
+
+
 # -- plots ---------------------------------------------------------------------------------------
 
 
@@ -252,6 +315,20 @@ def _plot_k(path: str, result: dict) -> None:
     _save(plt, fig, (em_ax, recall_ax), path)
 
 
+def _plot_score_scale(path: str, result: dict) -> None:
+    plt, fig, axes = _axes(4)
+    panels = [(variant, metric) for metric in ("em", "top_prior") for variant in ("token", "sequence")]
+    for ax, (variant, metric) in zip(axes, panels):
+        for setting in SCORE_SCALES:
+            row = result[f"{setting}/{variant}"]
+            ax.plot(TEST_KS, [row[str(k)][metric] for k in TEST_KS], marker="o",
+                    label=f"{setting} (after training: {row['score_scale']:.1f})")  # fmt: skip
+        ylabel = "test exact match" if metric == "em" else "mean p(top doc given x)"
+        ax.set(xlabel="documents retrieved at test time (k)", ylabel=ylabel, title=f"{LABELS[variant]}: {ylabel}",
+               ylim=(-0.02, 1.02))  # fmt: skip
+    _save(plt, fig, axes, path)
+
+
 def _plot_bars(path: str, title: str, panels: dict[str, dict[str, float]]) -> None:
     """One bar chart per panel (``{panel title: {bar label: value}}``), side by side."""
     plt, fig, axes = _axes(len(panels))
@@ -277,10 +354,11 @@ def _plot_recall(path: str, recall: dict) -> None:
 # -- main ----------------------------------------------------------------------------------------
 
 RUNNERS = {"variant": ablate_variant, "k": ablate_k, "decoding": ablate_decoding, "retriever": ablate_retriever,
-           "query_encoder": ablate_query_encoder}  # fmt: skip
+           "query_encoder": ablate_query_encoder, "score_scale": ablate_score_scale}  # fmt: skip
 TITLES = {"variant": "Closed-book vs RAG-Sequence vs RAG-Token; index hot-swap", "k": "Documents at test time (k)",
           "decoding": "RAG-Sequence decoding: thorough vs fast", "retriever": "BM25 vs dense retrieval",
-          "query_encoder": "Frozen vs trained question encoder"}  # fmt: skip
+          "query_encoder": "Frozen vs trained question encoder",
+          "score_scale": "Retrieval score scale: fixed 1 / fixed 20 / learned, against test-time k"}  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -75,6 +75,10 @@ def default_config() -> ml_collections.ConfigDict:
         k=5,  # documents per question in training
         max_combined_length=300,  # context tokens (title / text // question)
         prefix="",
+        # doc_scores = score_scale * q(x) . d(z); None: automatic (1, or 20 = 1 / Contriever's temperature 0.05
+        # for a question encoder that L2-normalises its vectors: rag_jax.rag.model.automatic_score_scale)
+        score_scale=ml_collections.config_dict.placeholder(float),
+        learn_score_scale=False,  # train log(score_scale) from the scale above (dense retrieval only)
     )
     c.train = dict(
         steps=1000,
@@ -94,6 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
         loss_reduction="mean",  # mean | sum (over the batch)
         freeze_query_encoder=False,
         query_encoder_learning_rate=ml_collections.config_dict.placeholder(float),  # None: learning_rate
+        score_scale_learning_rate=ml_collections.config_dict.placeholder(float),  # None: learning_rate
         compute_dtype="float32",  # float32 | bfloat16 (matmuls; master weights stay float32)
         remat=False,
         grad_accum_steps=1,
@@ -182,7 +187,10 @@ def saved_run_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) 
     """The resolved config a run saved next to its checkpoints (over ``default_config``, so fields
     added since the run take their defaults), with ``overrides`` applied."""
     config = default_config()
-    config.update(read_run_config(os.path.join(run_dir, "checkpoints", "config.json")))
+    saved = read_run_config(os.path.join(run_dir, "checkpoints", "config.json"))
+    config.update(saved)
+    if "score_scale" not in saved.get("rag", {}):  # saved before the scale existed: its runs scored q . d
+        config.rag.score_scale = 1.0
     for override in overrides:
         apply_override(config, override)
     return config
@@ -275,6 +283,8 @@ class TrainConfig:
     loss_reduction: Literal["mean", "sum"]
     freeze_query_encoder: bool
     query_encoder_learning_rate: float | None  # None: the optimizer's learning rate
+    learn_score_scale: bool  # params["score_scale"] = log(scale), its own optimizer group "score_scale"
+    score_scale_learning_rate: float | None  # None: the optimizer's learning rate
     compute_dtype: Literal["float32", "bfloat16"]
     remat: bool
     grad_accum_steps: int
@@ -299,6 +309,7 @@ class RunSettings:
     train: TrainConfig
     mesh: MeshConfig
     rag: RagConfig  # the model's RAG settings when it is built from a question encoder + a generator
+    score_scale: float | None  # the retrieval score scale (the initial one when learned); None: automatic
 
 
 def _check_choice(config: ml_collections.ConfigDict, field: str, choices) -> None:
@@ -308,9 +319,15 @@ def _check_choice(config: ml_collections.ConfigDict, field: str, choices) -> Non
         raise ConfigError(f"must be one of {', '.join(map(repr, choices))}; got {value!r}", what=f"config.{field}")
 
 
+def dense_rag(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run scores documents densely, ``score_scale * q(x) . d(z)`` (not closed-book, not BM25)."""
+    return config.rag.variant != "closed_book" and config.corpus.retriever == "dense"
+
+
 def resolve(config: ml_collections.ConfigDict) -> RunSettings:
     """The typed views of ``config`` (values checked; a BM25 retriever freezes the question encoder:
-    its scores do not depend on it)."""
+    its scores do not depend on it, and keeps its own score scale: ``rag.learn_score_scale`` applies to
+    dense retrieval only)."""
     for field, choices in (("rag.variant", VARIANTS), ("corpus.retriever", RETRIEVERS), ("train.form", objective.FORMS),
                            ("train.loss_reduction", ("mean", "sum")), ("train.compute_dtype", COMPUTE_DTYPES),
                            ("train.on_nonfinite", ("stop", "skip"))):  # fmt: skip
@@ -318,6 +335,9 @@ def resolve(config: ml_collections.ConfigDict) -> RunSettings:
     t = config.train
     if t.grad_accum_steps < 1:
         raise ConfigError(f"must be >= 1, got {t.grad_accum_steps}", what="config.train.grad_accum_steps")
+    if config.rag.score_scale is not None and not config.rag.score_scale > 0:
+        raise ConfigError(f"must be positive (or None: automatic), got {config.rag.score_scale}",
+                          what="config.rag.score_scale")
     optimizer = OptimizerConfig(
         learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.steps,
         end_learning_rate=t.end_learning_rate, decay_power=t.decay_power, weight_decay=t.weight_decay,
@@ -327,10 +347,12 @@ def resolve(config: ml_collections.ConfigDict) -> RunSettings:
         variant=config.rag.variant, epsilon=t.epsilon, exclude_bos_score=t.exclude_bos_score, form=t.form,
         loss_reduction=t.loss_reduction,
         freeze_query_encoder=t.freeze_query_encoder or config.corpus.retriever == "bm25",
-        query_encoder_learning_rate=t.query_encoder_learning_rate, compute_dtype=t.compute_dtype, remat=t.remat,
+        query_encoder_learning_rate=t.query_encoder_learning_rate,
+        learn_score_scale=config.rag.learn_score_scale and dense_rag(config), score_scale_learning_rate=t.score_scale_learning_rate,
+        compute_dtype=t.compute_dtype, remat=t.remat,
         grad_accum_steps=t.grad_accum_steps, skip_nonfinite=t.on_nonfinite == "skip", optimizer=optimizer,
         seed=config.seed,
     )  # fmt: skip
     rag = RagConfig(n_docs=config.rag.k, max_combined_length=config.rag.max_combined_length,
                     prefix=config.rag.prefix or None)  # fmt: skip
-    return RunSettings(train=train, mesh=MeshConfig(**config.mesh.to_dict()), rag=rag)
+    return RunSettings(train=train, mesh=MeshConfig(**config.mesh.to_dict()), rag=rag, score_scale=config.rag.score_scale)

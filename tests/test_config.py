@@ -1,6 +1,7 @@
 """Run configs: get_config files, typed overrides, unknown fields refused (in overrides, config files and
 edits), and the typed views resolve() builds."""
 
+import json
 
 import pytest
 
@@ -11,6 +12,7 @@ from rag_jax.config import (
     load_config,
     reference_recipe,
     resolve,
+    saved_run_config,
     with_changes,
 )
 
@@ -98,3 +100,31 @@ def test_resolve_refuses_values_outside_their_choices(section, field, value):
     with pytest.raises(ValueError, match="grad_accum_steps: must be >= 1"):
         resolve(with_changes(default_config(), train={"grad_accum_steps": 0}))
 
+
+
+def test_score_scale_settings():
+    """``rag.score_scale`` (None: automatic) must be positive; ``rag.learn_score_scale`` applies to dense
+    RAG only; a run saved before the scale existed reads back with the scale it trained with, 1."""
+    config = default_config()
+    assert resolve(config).score_scale is None and not resolve(config).train.learn_score_scale
+    learned = with_changes(config, rag={"score_scale": 20.0, "learn_score_scale": True},
+                           train={"score_scale_learning_rate": 0.05})  # fmt: skip
+    settings = resolve(learned)
+    assert (settings.score_scale, settings.train.learn_score_scale, settings.train.score_scale_learning_rate) == (
+        20.0, True, 0.05)  # fmt: skip
+    for fixed_scores in ({"corpus": {"retriever": "bm25"}}, {"rag": {"variant": "closed_book"}}):
+        assert not resolve(with_changes(learned, **fixed_scores)).train.learn_score_scale
+    assert apply_override(config, "--config.rag.score_scale=5") is None and config.rag.score_scale == 5.0
+    with pytest.raises(ValueError, match="rag.score_scale: must be positive"):
+        resolve(with_changes(default_config(), rag={"score_scale": 0.0}))
+
+
+def test_a_run_saved_before_the_score_scale_reads_back_unscaled(tmp_path):
+    saved = default_config().to_dict()
+    del saved["rag"]["score_scale"], saved["rag"]["learn_score_scale"]
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "config.json").write_text(json.dumps(saved))
+    assert saved_run_config(str(tmp_path)).rag.score_scale == 1.0
+    saved["rag"]["score_scale"] = None  # automatic, as saved since
+    (tmp_path / "checkpoints" / "config.json").write_text(json.dumps(saved))
+    assert saved_run_config(str(tmp_path)).rag.score_scale is None

@@ -3,10 +3,16 @@
 A RAG folder (``RagTokenForGeneration`` / ``RagSequenceForGeneration.save_pretrained``) holds one
 ``config.json`` with the question encoder's and the generator's configs nested in it, and one state
 dict whose keys start with ``rag.question_encoder.`` or ``rag.generator.``.
+
+transformers' RAG scores documents with ``q . d``: a folder has no retrieval score scale, so a loaded
+model's ``score_scale`` is 1 and a saved model's is not written; a model with another scale keeps its
+doc scores in transformers only with its passage embeddings multiplied by it (``rag-jax export`` writes
+them so: ``rag_jax.training.export``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Union
 
@@ -22,6 +28,8 @@ from rag_jax.models.configs import BartConfig, BertConfig, RagConfig
 from rag_jax.models.encoder import Encoder
 from rag_jax.models.generator import Generator
 from rag_jax.rag.model import ARCHITECTURES, RagModel
+
+log = logging.getLogger(__name__)
 
 QUESTION_ENCODER_PREFIX = "rag.question_encoder."
 GENERATOR_PREFIX = "rag.generator."
@@ -120,6 +128,10 @@ def save_rag_hf(model: RagModel, path: str | os.PathLike, variant: str | None = 
 def save_hf(obj: Union[Encoder, Generator, RagModel], path: str | os.PathLike) -> None:
     """Export an ``Encoder``, ``Generator`` or ``RagModel`` as a transformers folder."""
     if isinstance(obj, RagModel):
+        if obj.score_scale != 1.0:
+            log.warning("the model scores documents with %g * q . d; transformers' RAG scores them with q . d: "
+                        "use passage embeddings multiplied by %g with this folder (rag-jax export writes them)",
+                        obj.score_scale, obj.score_scale)  # fmt: skip
         save_rag_hf(obj, path)
     elif isinstance(obj, Encoder):
         encoder_lib.save_encoder_hf(obj, path)

@@ -90,10 +90,13 @@ def per_doc_logits(
     )
 
 
-def doc_scores_from_embeddings(question_vectors_BxD: jax.Array, doc_embeddings_BxKxD: jax.Array) -> jax.Array:
-    """``doc_scores[b, k] = q_b . e_{b,k}`` in float32 (differentiable in the question vectors)."""
-    return jnp.einsum(
-        "bd,bkd->bk", question_vectors_BxD, doc_embeddings_BxKxD.astype(question_vectors_BxD.dtype),
+def doc_scores_from_embeddings(
+    question_vectors_BxD: jax.Array, doc_embeddings_BxKxD: jax.Array, score_scale: float | jax.Array = 1.0
+) -> jax.Array:
+    """``doc_scores[b, k] = score_scale * q_b . e_{b,k}`` in float32 (differentiable in the question
+    vectors and the scale)."""
+    return score_scale * jnp.einsum(
+        "bd,bkd->bk", question_vectors_BxD, jnp.asarray(doc_embeddings_BxKxD).astype(question_vectors_BxD.dtype),
         preferred_element_type=jnp.float32,
     )  # fmt: skip
 
@@ -108,14 +111,16 @@ def per_example_loss(
     question_encoder: QuestionEncoderFn | None,
     batch: Batch,
     dropout_key: jax.Array | None = None,
+    score_scale: float | jax.Array = 1.0,
 ) -> jax.Array:
     """The loss per example ``[B]`` (float32) of ``batch`` under ``spec``: decoder inputs from the
     labels, the generator pass (per document for RAG), the doc scores, the objective. The one loss
     composition, used by training (``rag_jax.training.step.Trainer``) and by ``RagModel.loss``.
 
     ``generator``: the generator's graph and state (parameters and buffers). ``question_encoder``
-    scores a ``DenseRagBatch``'s documents (``doc_scores_from_embeddings``), so the gradient reaches
-    it; other batches do not use it (None is fine). The batch type must fit ``spec.variant``:
+    scores a ``DenseRagBatch``'s documents (``doc_scores_from_embeddings``, times ``score_scale``), so
+    the gradient reaches it (and the scale); other batches do not use either (None is fine; their
+    fixed scores are used as given). The batch type must fit ``spec.variant``:
     ``Seq2SeqBatch`` for "closed_book", ``DenseRagBatch`` or ``FixedScoreRagBatch`` for RAG. With
     ``dropout_key`` dropout is on: it splits into a key for the question encoder and one for the
     generator (which draws one per document).
@@ -144,7 +149,7 @@ def per_example_loss(
         q_BxD = question_encoder(
             batch.question_input_ids_BxQ, batch.question_attention_mask_BxQ, dropout_key=encoder_key
         )
-        doc_scores_BxK = doc_scores_from_embeddings(q_BxD, batch.doc_embeddings_BxKxD)
+        doc_scores_BxK = doc_scores_from_embeddings(q_BxD, batch.doc_embeddings_BxKxD, score_scale)
     logits_BxKxTxV = per_doc_logits(
         *generator, batch.context_input_ids_BxKxS, batch.context_attention_mask_BxKxS, decoder_input_ids_BxT,
         dropout_key=generator_key,
@@ -165,7 +170,9 @@ class RagModel:
     """A question encoder (``Encoder``) and a generator (``Generator``) with the RAG settings.
 
     ``hf_config`` is the source RAG ``config.json`` (kept so an export preserves its other fields);
-    ``variant`` is the default marginalisation, from the source architecture.
+    ``variant`` is the default marginalisation, from the source architecture. ``score_scale``
+    multiplies ``q(x) . d(z)`` wherever dense retrieval scores a document (``doc_scores``, the training
+    loss, the retriever's scores at evaluation); transformers' RAG has none (1: a loaded folder's).
     """
 
     question_encoder: Encoder
@@ -173,6 +180,7 @@ class RagModel:
     config: RagConfig = RagConfig()
     variant: Variant = "token"
     hf_config: dict | None = None
+    score_scale: float = 1.0
     # jitted loss functions by (LossSpec, reduce), built once each
     _loss_jits: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -307,10 +315,10 @@ class RagModel:
         return hf_layout(result.sequences_BxRxL, result.candidate_lengths_BxC)
 
     def doc_scores(self, question_input_ids, question_attention_mask, retrieved_doc_embeds) -> jax.Array:
-        """``[B, K]`` scores of retrieved documents for the questions (the question encoder's vectors
-        dotted with the documents' embeddings)."""
+        """``[B, K]`` scores of retrieved documents for the questions (``score_scale`` times the
+        question encoder's vectors dotted with the documents' embeddings)."""
         q_BxD = self.question_encoder.encode(question_input_ids, question_attention_mask)
-        return doc_scores_from_embeddings(q_BxD, jnp.asarray(retrieved_doc_embeds))
+        return doc_scores_from_embeddings(q_BxD, retrieved_doc_embeds, self.score_scale)
 
 
 def question_vectors(encoder_params, question_input_ids_BxS, question_attention_mask_BxS, *, encoder: Encoder, **kw):
@@ -319,6 +327,17 @@ def question_vectors(encoder_params, question_input_ids_BxS, question_attention_
         encoder_params, question_input_ids_BxS, question_attention_mask_BxS,
         cfg=encoder.config, pooling=encoder.pooling, **kw,
     )  # fmt: skip
+
+
+CONTRIEVER_TEMPERATURE = 0.05
+
+
+def automatic_score_scale(question_encoder: Encoder) -> float:
+    """The retrieval score scale when none is set: 1 for a question encoder with unnormalised vectors
+    (DPR: ``q . d`` is already a logit), ``1 / 0.05 = 20`` (Contriever's temperature) for one that
+    L2-normalises them: ``q . d`` is then a cosine in [-1, 1], and ``softmax`` over K cosines is nearly
+    flat (at most ``e^2 / (e^2 + K - 1)`` for the top document), so p(z|x) could never concentrate."""
+    return 1 / CONTRIEVER_TEMPERATURE if question_encoder.pooling == "mean_normalized" else 1.0
 
 
 def init_rag_model(

@@ -15,7 +15,14 @@ from rag_jax.retrieval.corpus import (
     split_into_passages,
     write_passages_tsv,
 )
-from rag_jax.retrieval.embed import EmbeddingShards, embed_passages, hf_tokenize_fn, load_embeddings, passage_inputs
+from rag_jax.retrieval.embed import (
+    EmbeddingShards,
+    embed_passages,
+    hf_tokenize_fn,
+    load_embeddings,
+    passage_inputs,
+    write_scaled_embeddings,
+)
 from rag_jax.retrieval.index import (
     ExactIndex,
     Index,
@@ -56,4 +63,5 @@ __all__ = [
     "tokenize_contexts",
     "train_batch",
     "write_passages_tsv",
+    "write_scaled_embeddings",
 ]

@@ -314,3 +314,15 @@ def load_embeddings(out_dir: str, mmap: bool = True, store: PassageStore | None 
     if total != manifest["num_passages"]:
         raise ValueError(f"{out_dir}: the shards hold {total} rows, the manifest says {manifest['num_passages']}")
     return EmbeddingShards(shards) if mmap else np.concatenate(shards)
+
+
+def write_scaled_embeddings(src_dir: str, dst_dir: str, scale: float) -> None:
+    """``src_dir``'s embeddings times ``scale`` in ``dst_dir``: the same shards, dtype and manifest (which
+    records the factor in ``scaled_by``). E.g. a retrieval score scale folded into the passage vectors,
+    for a consumer that scores ``q . d`` with no scale (transformers' RAG)."""
+    with open(os.path.join(src_dir, MANIFEST)) as f:
+        manifest = json.load(f)
+    os.makedirs(dst_dir, exist_ok=True)
+    for s, shard in enumerate(load_embeddings(src_dir).shards):
+        _save_shard_atomic(shard_path(dst_dir, s), (np.asarray(shard, np.float32) * scale).astype(shard.dtype))
+    _write_json_atomic(os.path.join(dst_dir, MANIFEST), {**manifest, "scaled_by": manifest.get("scaled_by", 1.0) * scale})

@@ -30,6 +30,7 @@ import numpy as np
 
 from rag_jax.models.encoder import Encoder
 from rag_jax.rag.batches import DenseRagBatch, FixedScoreRagBatch, RagBatch
+from rag_jax.rag.model import doc_scores_from_embeddings
 from rag_jax.retrieval.context import ContextFormat, context_strings, tokenize_contexts
 from rag_jax.retrieval.corpus import Passage
 
@@ -39,9 +40,10 @@ class RetrievedBatch:
     """What ``Retriever.retrieve`` found for B questions (K documents each), as NumPy arrays.
 
     ``doc_ids_BxK`` are corpus rows (``PassageStore`` rows; ``passages[b][k]`` holds the passage
-    and its file id), best first; ``doc_scores_BxK[b, k] = question_vectors_BxD[b] .
-    doc_embeddings_BxKxD[b, k]`` in float32 (the embeddings as stored, cast to float32); over a
-    lexical index the question vectors and doc embeddings are None and the scores are the index's.
+    and its file id), best first; ``doc_scores_BxK[b, k] = score_scale * question_vectors_BxD[b] .
+    doc_embeddings_BxKxD[b, k]`` in float32 (the embeddings as stored, cast to float32; the scale is
+    ``retrieve``'s); over a lexical index the question vectors and doc embeddings are None and the
+    scores are the index's.
     Ids and masks are int32. ``questions`` are the question strings joined into the contexts.
     """
 
@@ -200,11 +202,13 @@ class Retriever:
         k: int | None = None,
         query_encoder_params=None,
         question_attention_mask: np.ndarray | None = None,
+        score_scale: float = 1.0,
     ) -> RetrievedBatch:
         """The top ``k`` (default ``self.k``) passages of each question with everything the
         generator and the training step need (see ``RetrievedBatch``). ``questions``: strings, or
         question token ids ``[B, Sq]`` (with an optional mask). ``query_encoder_params`` replaces
-        the encoder's parameters for this call."""
+        the encoder's parameters for this call; ``score_scale`` multiplies the dense scores (a
+        ``RagModel``'s ``score_scale``; a lexical index's scores are kept as they are)."""
         k = self.k if k is None else k
         ids_BxSq, mask_BxSq = self.tokenize_questions(questions, question_attention_mask)
         question_strings = self.question_tokenizer.decode(ids_BxSq.tolist(), skip_special_tokens=True)
@@ -215,7 +219,7 @@ class Retriever:
             q_BxD = self.encode_questions(ids_BxSq, mask_BxSq, query_encoder_params)
             doc_ids_BxK, _ = self.index.search(q_BxD, k)
             doc_emb_BxKxD = gather_rows(self.embeddings, doc_ids_BxK)
-            doc_scores_BxK = np.einsum("bd,bkd->bk", q_BxD, doc_emb_BxKxD).astype(np.float32)
+            doc_scores_BxK = np.asarray(doc_scores_from_embeddings(q_BxD, doc_emb_BxKxD, score_scale))
         flat = self.store.get_many(doc_ids_BxK.reshape(-1))
         passages = [flat[b * k : (b + 1) * k] for b in range(len(ids_BxSq))]
         strings = context_strings(passages, question_strings, self.context_format)

@@ -4,29 +4,57 @@ train-step settings and the QA splits."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
 
 import ml_collections
 import numpy as np
 
-from rag_jax.config import resolve
+from rag_jax.config import dense_rag, resolve
 from rag_jax.data import qa as data
 from rag_jax.errors import ConfigError, named_by
 from rag_jax.hf.encoder import load_encoder
 from rag_jax.hf.generator import load_generator
 from rag_jax.hf.rag import load_rag
-from rag_jax.rag.model import RagModel
+from rag_jax.models.encoder import Encoder
+from rag_jax.rag.model import RagModel, automatic_score_scale
 from rag_jax.retrieval import BM25Index, PassageStore, Retriever, load_embeddings, load_index
+
+log = logging.getLogger(__name__)
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> RagModel:
-    """From a transformers RAG folder, or a question encoder folder + a generator folder."""
+    """From a transformers RAG folder, or a question encoder folder + a generator folder, with the
+    config's retrieval score scale (``score_scale``)."""
     m = _model_config(cfg)
     variant = "token" if cfg.rag.variant == "closed_book" else cfg.rag.variant
     if m.rag:
-        model = load_rag(m.rag)
-        return dataclasses.replace(model, variant=variant)
-    return RagModel(load_encoder(m.question_encoder), load_generator(m.generator), resolve(cfg).rag, variant)
+        model = dataclasses.replace(load_rag(m.rag), variant=variant)
+    else:
+        model = RagModel(load_encoder(m.question_encoder), load_generator(m.generator), resolve(cfg).rag, variant)
+    return dataclasses.replace(model, score_scale=score_scale(cfg, model.question_encoder))
+
+
+def score_scale(cfg: ml_collections.ConfigDict, question_encoder: Encoder) -> float:
+    """``rag.score_scale``; when None, ``automatic_score_scale`` of the question encoder, announced
+    (once per process) when it is not 1 and the run scores documents densely."""
+    setting = resolve(cfg).score_scale
+    if setting is not None:
+        return float(setting)
+    scale = automatic_score_scale(question_encoder)
+    if scale != 1.0 and dense_rag(cfg):
+        _announce_automatic_scale(question_encoder.pooling, scale)
+    return scale
+
+
+@functools.cache
+def _announce_automatic_scale(pooling: str, scale: float) -> None:
+    log.warning(
+        "the question encoder L2-normalises its vectors (pooling %r): retrieval scores q . d are cosines, so "
+        "doc_scores = %g * q . d (1/%g, Contriever's temperature) to let p(z|x) concentrate; choose another with "
+        "rag.score_scale, or learn it with rag.learn_score_scale=True", pooling, scale, 1 / scale,
+    )  # fmt: skip
 
 
 def _model_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

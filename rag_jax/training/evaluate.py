@@ -49,8 +49,8 @@ def evaluate(cfg, model: RagModel, examples: list[data.QAExample], *, generator_
             out = generate_seq2seq(model.generator, b.input_ids_BxS, b.attention_mask_BxS,
                                    num_beams=e.num_beams, max_length=e.max_length)  # fmt: skip
         else:
-            r = retriever.retrieve([ex.question for ex in chunk], k=e.k,
-                                   query_encoder_params=model.question_encoder.params)  # fmt: skip
+            r = retriever.retrieve([ex.question for ex in chunk], k=e.k, query_encoder_params=model.question_encoder.params,
+                                   score_scale=model.score_scale)  # fmt: skip
             B, K, S = r.context_input_ids_BxKxS.shape
             out = model.generate(
                 r.context_input_ids_BxKxS.reshape(B * K, S), r.context_attention_mask_BxKxS.reshape(B * K, S),

@@ -37,7 +37,8 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 # Parameter path (the "/"-joined pytree keys) -> logical axes of its dimensions, first match wins;
-# anything unmatched (norm scales and biases, output biases) is replicated. Examples:
+# anything unmatched (norm scales and biases, output biases, the learned score scale: a scalar) is
+# replicated. Examples:
 # "generator/encoder/layers/self_attn/q_proj/kernel", "query_encoder/layers/query/kernel" (stacked BART
 # and BERT layers: one more leading dim, named "layers", which is never sharded: the scan over layers
 # slices it).

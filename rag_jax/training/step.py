@@ -1,8 +1,9 @@
 """The training state and the jitted, donated, sharded RAG training step.
 
 ``TrainState`` holds what changes during training: the step, the trainable parameters
-``{"query_encoder": <BERT pytree>, "generator": <BART params as a plain dict>}``, the optax state
-and the dropout key. The frozen document encoder is not in it: the batch brings the retrieved
+``{"query_encoder": <BERT pytree>, "generator": <BART params as a plain dict>}`` (and
+``"score_scale"``, a float32 scalar ``log(scale)``, when the retrieval score scale is learned), the
+optax state and the dropout key. The frozen document encoder is not in it: the batch brings the retrieved
 documents' embeddings, and the step recomputes ``doc_scores = q(x) . d(z)`` from them so the
 loss's gradient reaches the query encoder. The generator's graph (architecture, compute dtype,
 remat) and its non-trainable buffer (``final_logits_bias``) are fixed per ``Trainer``.
@@ -27,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -52,9 +54,12 @@ class TrainState:
 
 def _param_groups(cfg: "TrainConfig"):
     """The optimizer group of every parameter: the query encoder is "frozen" when frozen or unused
-    (closed-book), "query_encoder" when it has its own learning rate; everything else "train"."""
+    (closed-book), "query_encoder" when it has its own learning rate; a learned score scale is
+    "score_scale"; everything else "train"."""
 
     def group(name: str) -> str:
+        if name == "score_scale":
+            return "score_scale"
         if name == "query_encoder" and (cfg.freeze_query_encoder or cfg.variant == "closed_book"):
             return "frozen"
         if name == "query_encoder" and cfg.query_encoder_learning_rate is not None:
@@ -65,6 +70,15 @@ def _param_groups(cfg: "TrainConfig"):
         return {name: jax.tree.map(lambda _, g=group(name): g, tree) for name, tree in params.items()}
 
     return groups
+
+
+def _group_learning_rates(cfg: TrainConfig) -> dict[str, float]:
+    """The peak learning rates of the groups that have their own (``make_optimizer``)."""
+    rates = {} if cfg.query_encoder_learning_rate is None else {"query_encoder": cfg.query_encoder_learning_rate}
+    if cfg.learn_score_scale:
+        rate = cfg.score_scale_learning_rate
+        rates["score_scale"] = cfg.optimizer.learning_rate if rate is None else rate
+    return rates
 
 
 class Trainer:
@@ -87,10 +101,11 @@ class Trainer:
             "query_encoder": model.question_encoder.params,
             "generator": nnx.to_pure_dict(gen_params),
         }
+        if cfg.learn_score_scale:  # learned in log space: the scale stays positive
+            self._initial_params["score_scale"] = np.log(np.float32(model.score_scale))
         replicated = NamedSharding(self.mesh, P())
         self.buffers = jax.device_put(nnx.to_pure_dict(buffers), replicated)
-        rates = {} if cfg.query_encoder_learning_rate is None else {"query_encoder": cfg.query_encoder_learning_rate}
-        self.tx = make_optimizer(cfg.optimizer, _param_groups(cfg), rates)
+        self.tx = make_optimizer(cfg.optimizer, _param_groups(cfg), _group_learning_rates(cfg))
         self._steps = {}  # the jitted step by batch type
 
     # -- state ---------------------------------------------------------------------------------
@@ -133,7 +148,12 @@ class Trainer:
         """Loss per example ``[B]`` (float32); dropout on when ``dropout_key`` is given."""
         generator = (self.graphdef, {**params["generator"], **self.buffers})
         question_encoder = self._question_encoder(params["query_encoder"])
-        return per_example_loss(self.loss_spec, generator, question_encoder, batch, dropout_key)
+        return per_example_loss(self.loss_spec, generator, question_encoder, batch, dropout_key,
+                                self.score_scale(params))  # fmt: skip
+
+    def score_scale(self, params) -> float | jax.Array:
+        """The retrieval score scale: ``exp(params["score_scale"])`` when learned, else the model's."""
+        return jnp.exp(params["score_scale"]) if "score_scale" in params else self.source_model.score_scale
 
     def _question_encoder(self, encoder_params):
         """The question encoder with ``encoder_params`` (no gradient when frozen), as ``per_example_loss`` calls it."""
@@ -207,13 +227,14 @@ class Trainer:
             return self._steps[type(batch)](state, sharding.shard_batch(batch, self.mesh))
 
     def to_model(self, params: dict) -> RagModel:
-        """A ``RagModel`` with the given trainable parameters (for evaluation, generation, export);
-        the generator keeps the source model's float32 graph."""
+        """A ``RagModel`` with the given trainable parameters (for evaluation, generation, export) and
+        score scale; the generator keeps the source model's float32 graph."""
         graphdef, gen_params, buffers = nnx.split(self.source_model.generator.model, nnx.Param, ...)
         nnx.replace_by_pure_dict(gen_params, params["generator"])
         generator = dataclasses.replace(self.source_model.generator, model=nnx.merge(graphdef, gen_params, buffers))
         question_encoder = dataclasses.replace(self.source_model.question_encoder, params=params["query_encoder"])
-        return dataclasses.replace(self.source_model, question_encoder=question_encoder, generator=generator)
+        return dataclasses.replace(self.source_model, question_encoder=question_encoder, generator=generator,
+                                   score_scale=float(self.score_scale(params)))  # fmt: skip
 
     def eval_loss(self, params, batch: Batch) -> jax.Array:
         """Per-example loss without dropout (not jitted here: wrap in ``jax.jit`` as needed)."""

@@ -44,11 +44,11 @@ def task(tmp_path_factory):
                                    embed_max_length=32, progress=False)  # fmt: skip
 
 
-def write_config(task, tmp_path, run_dir: str, variant: str = "token", **train) -> str:
+def write_config(task, tmp_path, run_dir: str, variant: str = "token", rag=None, **train) -> str:
     cfg = quickstart_task.run_config(
         task, variant, run_dir,
         data={"max_question_length": 16, "max_target_length": 8},
-        rag={"k": 2, "max_combined_length": 48},
+        rag={"k": 2, "max_combined_length": 48, **(rag or {})},
         train={"steps": 6, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 1, "epsilon": 0.0,
                "clip_norm": 1.0, "log_every": 1, "eval_every": 3, "save_every": 2, **train},
         eval={"k": 2, "batch_size": 4, "max_examples": 4, "max_length": 6},
@@ -64,14 +64,18 @@ def losses(run_dir) -> dict[int, float]:
 
 
 def test_train_eval_export_end_to_end(task, tmp_path, capsys):
+    """With a learned retrieval score scale (from 4): the exported folder and its (scaled) passage
+    embeddings give transformers rag_jax's doc scores, and the losses with them agree."""
     import torch
     from transformers import RagTokenForGeneration
 
     from rag_jax.config import saved_run_config
-    from rag_jax.training import evaluate
+    from rag_jax.retrieval import load_embeddings
+    from rag_jax.training import components, evaluate
 
     run_dir = str(tmp_path / "run")
-    spec = write_config(task, tmp_path, run_dir)
+    spec = write_config(task, tmp_path, run_dir, rag={"score_scale": 4.0, "learn_score_scale": True},
+                        score_scale_learning_rate=0.1)  # fmt: skip
     assert cli.main(["train", "--config", spec, "--no-progress"]) == 0
     records = read_metrics(run_dir)
     assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
@@ -106,20 +110,32 @@ def test_train_eval_export_end_to_end(task, tmp_path, capsys):
 
     out = str(tmp_path / "export")
     assert cli.main(["export", "--run", run_dir, "--out", out]) == 0
+    assert "holds the passage embeddings times" in capsys.readouterr().out
     assert {"passages.tsv", "embeddings", "index", "generator_tokenizer", "question_encoder_tokenizer"} <= set(
         os.listdir(out)
     )
-    model, _ = evaluate.load_trained_model(saved_run_config(run_dir))
+    cfg = saved_run_config(run_dir)
+    model, _ = evaluate.load_trained_model(cfg)
+    assert model.score_scale != pytest.approx(4.0, rel=1e-3)  # learned: the checkpoint's scale, not the initial one
     hf = RagTokenForGeneration.from_pretrained(out).eval()
-    rng = np.random.default_rng(0)
-    ids = rng.integers(4, model.generator.config.vocab_size, size=(2 * 2, 10))
-    mask = np.ones_like(ids)
-    doc_scores = rng.normal(size=(2, 2)).astype(np.float32)
-    labels = rng.integers(4, model.generator.config.vocab_size, size=(2, 5))
-    ours = np.asarray(model.loss(ids, mask, doc_scores, labels, variant="token", n_docs=2))
+
+    # transformers' question vector . the exported embeddings == rag_jax's scaled doc scores
+    retriever = components.build_retriever(cfg, model, *components.tokenizers(cfg), k=2)
+    found = retriever.retrieve(["Where was Ada born?", "What is the job of Bo?"], score_scale=model.score_scale)
+    exported_BxKxD = np.asarray(load_embeddings(os.path.join(out, "embeddings")))[found.doc_ids_BxK]
+    with torch.no_grad():  # the question encoder is a BertModel pooled by its [CLS] vector, as in rag_jax
+        q_hf = hf.question_encoder(torch.tensor(found.question_input_ids_BxSq),
+                                   attention_mask=torch.tensor(found.question_attention_mask_BxSq))[0][:, 0]  # fmt: skip
+    doc_scores_hf = np.einsum("bd,bkd->bk", q_hf.numpy(), exported_BxKxD)
+    np.testing.assert_allclose(doc_scores_hf, found.doc_scores_BxK, rtol=1e-5, atol=1e-5)
+    B, K, S = found.context_input_ids_BxKxS.shape
+    ctx_ids = found.context_input_ids_BxKxS.reshape(B * K, S)
+    ctx_mask = found.context_attention_mask_BxKxS.reshape(B * K, S)
+    labels = found.context_input_ids_BxKxS[:, 0, 1:6]  # the first document's first tokens
+    ours = np.asarray(model.loss(ctx_ids, ctx_mask, found.doc_scores_BxK, labels, variant="token", n_docs=K))
     with torch.no_grad():
-        theirs = hf(context_input_ids=torch.tensor(ids), context_attention_mask=torch.tensor(mask),
-                    doc_scores=torch.tensor(doc_scores), labels=torch.tensor(labels), n_docs=2).loss.numpy()  # fmt: skip
+        theirs = hf(context_input_ids=torch.tensor(ctx_ids), context_attention_mask=torch.tensor(ctx_mask),
+                    doc_scores=torch.tensor(doc_scores_hf), labels=torch.tensor(labels), n_docs=K).loss.numpy()  # fmt: skip
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
 
 

@@ -210,6 +210,14 @@ def test_query_encoder_params_without_recompiling(retriever):
     np.testing.assert_array_equal(moved.doc_ids_BxK, ids)
 
 
+def test_score_scale_multiplies_the_dense_scores(retriever):
+    plain, scaled = retriever.retrieve(QUESTIONS), retriever.retrieve(QUESTIONS, score_scale=20.0)
+    np.testing.assert_array_equal(scaled.doc_ids_BxK, plain.doc_ids_BxK)
+    np.testing.assert_allclose(scaled.doc_scores_BxK, 20 * plain.doc_scores_BxK, rtol=1e-6)
+    expected = np.einsum("bd,bkd->bk", plain.question_vectors_BxD, plain.doc_embeddings_BxKxD)
+    np.testing.assert_allclose(plain.doc_scores_BxK, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_hot_swap_changes_passages_and_contexts(retriever, tmp_path):
     store_b, embeddings_b = make_corpus(tmp_path, "b", 2, 31)
     with store_b:
@@ -313,6 +321,7 @@ def test_retriever_over_bm25_scores_by_text_and_gives_fixed_scores(retriever, co
     rows, scores = index.search_text(found.questions, K)
     np.testing.assert_array_equal(found.doc_ids_BxK, rows)
     np.testing.assert_array_equal(found.doc_scores_BxK, scores)
+    np.testing.assert_array_equal(lexical.retrieve(QUESTIONS, score_scale=20.0).doc_scores_BxK, scores)  # BM25's own
     assert found.question_vectors_BxD is None and found.doc_embeddings_BxKxD is None
     expected = context_strings(found.passages, found.questions, lexical.context_format)
     decoded = [[lexical.generator_tokenizer.decode(ids[m.astype(bool)], skip_special_tokens=True) for ids, m in

@@ -1,6 +1,7 @@
 """Checkpoints: bitwise-exact resume, restore across meshes (1 <-> 8 devices), keep-last-N plus
 best, damaged checkpoints, the NaN guard, the run config and the pre-emption flag."""
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -296,6 +297,31 @@ def test_sigterm_sets_the_preempted_flag():
     finally:
         restore_handlers()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_learned_score_scale_round_trips_through_a_checkpoint(model, tmp_path):
+    """A learned score scale is part of the train state: saved, restored bitwise into the abstract state
+    (replicated over 8 devices) and carried into the model ``to_model`` builds."""
+    cfg = _cfg(rag={"learn_score_scale": True}, score_scale_learning_rate=0.1)
+    trainer = Trainer(dataclasses.replace(model, score_scale=20.0), cfg)
+    state = trainer.init_state()
+    batch = _batch(seed=1)
+    batch = dataclasses.replace(batch, doc_embeddings_BxKxD=batch.doc_embeddings_BxKxD[..., :16])  # hidden size 16
+    for _ in range(2):  # the warmup's first learning rate is 0
+        state, _ = trainer.train_step(state, batch)
+    log_scale = float(state.params["score_scale"])
+    assert log_scale != pytest.approx(np.log(20.0), abs=1e-4)
+    saved = _host(state)
+    with Checkpointer(tmp_path, save_every=1, keep=1, async_save=False) as ckpt:
+        assert ckpt.save(2, state, {})
+    mesh8 = sharding.make_mesh(MeshConfig(data=2, fsdp=4, model=1))
+    restorer = Trainer(dataclasses.replace(model, score_scale=20.0), cfg, mesh8)
+    with Checkpointer(tmp_path, save_every=1, keep=1, read_only=True) as ckpt:
+        restored, _, step = ckpt.restore(restorer.abstract_state())
+    assert step == 2
+    _assert_bitwise_equal(restored, saved)
+    assert restored.params["score_scale"].sharding.spec == P()
+    assert restorer.to_model(restored.params).score_scale == pytest.approx(np.exp(log_scale), rel=1e-6)
 
 
 def test_abstract_train_state_matches_init_state(model):

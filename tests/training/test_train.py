@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import numpy as np
@@ -11,10 +12,11 @@ from jax.sharding import PartitionSpec as P
 
 from rag_jax.config import MeshConfig, TrainConfig, default_config, reference_recipe, resolve, with_changes
 from rag_jax.models.configs import BartConfig, BertConfig
+from rag_jax.models.encoder import Encoder
 from rag_jax.rag.batches import DenseRagBatch, FixedScoreRagBatch, Seq2SeqBatch
 from rag_jax.rag.model import init_rag_model, question_vectors
-from rag_jax.training import sharding
-from rag_jax.training.optim import AdamWState
+from rag_jax.training import components, sharding
+from rag_jax.training.optim import AdamWState, weight_decay_mask
 from rag_jax.training.step import Trainer
 
 V, D, K, B, SQ, S, T = 64, 32, 3, 8, 6, 10, 5
@@ -69,9 +71,9 @@ def _fixed_scores(batch: DenseRagBatch, doc_scores_BxK) -> FixedScoreRagBatch:
     )
 
 
-def _cfg(variant="token", **train):
+def _cfg(variant="token", rag=None, **train):
     """The run config's train settings for these tests: lr 3e-3, warmup 5, 400 steps, clip 1, no smoothing."""
-    config = with_changes(default_config(), rag={"variant": variant},
+    config = with_changes(default_config(), rag={"variant": variant, **(rag or {})},
                           train={"learning_rate": 3e-3, "warmup_steps": 5, "steps": 400, "clip_norm": 1.0,
                                  "epsilon": 0.0, **train})  # fmt: skip
     return resolve(config).train
@@ -315,3 +317,71 @@ def test_model_loss_equals_the_trainers_eval_loss(variant, form):
     eval_loss = jax.jit(trainer.eval_loss)
     for batch in (dense, _fixed_scores(dense, np.asarray(doc_scores_BxK))):
         np.testing.assert_allclose(np.asarray(eval_loss(params, batch)), np.asarray(expected), rtol=1e-6)
+
+
+# -- the retrieval score scale ---------------------------------------------------------------------
+
+
+def _unscaled_doc_scores(params, batch: DenseRagBatch, encoder) -> np.ndarray:
+    q_BxD = question_vectors(params["query_encoder"], batch.question_input_ids_BxQ, batch.question_attention_mask_BxQ,
+                             encoder=encoder)  # fmt: skip
+    return np.einsum("bd,bkd->bk", np.asarray(q_BxD), batch.doc_embeddings_BxKxD)
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_score_scale_multiplies_the_dense_doc_scores(learn):
+    """``doc_scores = scale * q . d``: a dense batch's loss under a scale (fixed, or learned in log space)
+    is the loss of the unscaled scores times the scale given as fixed scores; the model the trainer
+    builds carries the scale into ``doc_scores``."""
+    scale = 20.0
+    trainer = Trainer(dataclasses.replace(_model(), score_scale=scale), _cfg(rag={"learn_score_scale": learn}))
+    params = trainer.init_state().params
+    assert ("score_scale" in params) == learn
+    dense = _batch()
+    scaled_BxK = scale * _unscaled_doc_scores(params, dense, trainer.encoder)
+    loss = jax.jit(trainer.eval_loss)
+    np.testing.assert_allclose(loss(params, dense), loss(params, _fixed_scores(dense, scaled_BxK)), rtol=1e-5)
+    model = trainer.to_model(params)
+    assert model.score_scale == pytest.approx(scale, rel=1e-6)
+    doc_scores_BxK = model.doc_scores(dense.question_input_ids_BxQ, dense.question_attention_mask_BxQ,
+                                      dense.doc_embeddings_BxKxD)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(doc_scores_BxK), scaled_BxK, rtol=1e-5, atol=1e-5)
+
+
+def test_learned_score_scale_moves_with_its_own_learning_rate():
+    """The learned log-scale gets a gradient and moves; its group's learning rate (default: the
+    optimizer's) drives it, without weight decay, and changes nothing else; the scalar is replicated."""
+    rag = {"learn_score_scale": True}
+    trainer = _trainer(_cfg(rag=rag))
+    params = trainer.init_state().params
+    assert params["score_scale"].shape == () and params["score_scale"].sharding.spec == P()
+    assert float(_loss_grad(trainer)(params, _batch())["score_scale"]) != 0
+    assert not weight_decay_mask(params)["score_scale"]
+    base = _two_steps_deltas(_cfg(rag=rag), _batch())  # score_scale_learning_rate None: learning_rate (3e-3)
+    fast = _two_steps_deltas(_cfg(rag=rag, score_scale_learning_rate=3e-2), _batch())
+    assert base["score_scale"][0] != 0
+    np.testing.assert_allclose(fast["score_scale"][0], 10 * base["score_scale"][0], rtol=1e-4)
+    for name in ("query_encoder", "generator"):
+        for a, b in zip(base[name], fast[name]):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-9)
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, model=1))
+    abstract = Trainer(_model(), _cfg(rag=rag), mesh=mesh).abstract_state()
+    assert abstract.params["score_scale"].sharding.spec == P()
+
+
+def test_automatic_score_scale_is_20_for_a_normalising_encoder_announced_once(caplog):
+    components._announce_automatic_scale.cache_clear()
+
+    def encoder(pooling: str) -> Encoder:
+        return Encoder(params={}, config=BertConfig(), pooling=pooling, kind="bert")
+
+    config = default_config()
+    with caplog.at_level(logging.WARNING, logger=components.__name__):
+        assert components.score_scale(config, encoder("mean_normalized")) == 20
+        assert components.score_scale(config, encoder("mean_normalized")) == 20
+        assert components.score_scale(config, encoder("cls")) == 1
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "20 * q . d" in record.message and "rag.score_scale" in record.message
+    assert "rag.learn_score_scale" in record.message
+    assert components.score_scale(with_changes(config, rag={"score_scale": 5.0}), encoder("mean_normalized")) == 5
