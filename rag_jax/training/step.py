@@ -38,7 +38,7 @@ from rag_jax.models.bart import Bart
 from rag_jax.rag.batches import Batch
 from rag_jax.rag.model import RagModel, per_example_loss, question_vectors
 from rag_jax.training import sharding
-from rag_jax.training.optim import chunk_size_for, global_norm, make_optimizer
+from rag_jax.training.optim import global_norm, make_optimizer
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.train.compute_dtype -> dtype
 
@@ -199,15 +199,10 @@ class Trainer:
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         skip = ~finite if self.cfg.skip_nonfinite else None  # skipped: the previous parameters and optimizer state
-        params, opt_state = self.update(state.params, state.opt_state, grads, skip)
+        params, opt_state = self.tx.step(state.params, state.opt_state, grads, skip)
         metrics = {"loss": total / count, "grad_norm": grad_norm, "nonfinite": ~finite}
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
         return new_state, metrics
-
-    def update(self, params, opt_state, grads, skip: jax.Array | None = None):
-        """The optimizer step: new parameters and optimizer state, written over the old ones when they
-        are donated (in chunks on one CPU device, see ``rag_jax.training.optim.chunk_size_for``)."""
-        return self.tx.step(params, opt_state, grads, skip=skip, chunk_size=chunk_size_for(self.mesh.devices.flat))
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         """One optimizer step (jitted once per batch type; ``state`` and ``batch`` are donated: do not reuse them)."""
