@@ -21,7 +21,7 @@ import traceback
 from rag_jax.commands import host_memory, logs
 from rag_jax.errors import UserError
 
-COMMAND_MODULES = ("model_io", "retrieval", "train", "quickstart")
+COMMAND_MODULES = ("model_io", "retrieval", "train", "quickstart", "plan")
 HUGE_PAGE_COMMANDS = ("quickstart", "train", "eval", "embed")  # subcommands whose work is jitted steps
 VERBOSE_HELP = "show the libraries' logs and tracebacks (or set RAG_JAX_LOG_LEVEL=DEBUG/INFO/...)"
 

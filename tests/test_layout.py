@@ -13,7 +13,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "rag_jax"
-RANKS = {"errors": 0, "models": 0, "data": 0, "rag": 1, "retrieval": 2, "hf": 2, "config": 3, "training": 4,
+RANKS = {"errors": 0, "models": 0, "data": 0, "rag": 1, "retrieval": 2, "hf": 2, "config": 3, "training": 4, "planning": 5,
          "quickstart": 5, "commands": 6}  # fmt: skip
 TOP = 7  # rag_jax/__init__.py, cli.py, __main__.py
 

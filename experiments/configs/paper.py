@@ -12,7 +12,8 @@ get each file and the embed / build-index commands):
     index/                             `rag-jax build-index` output (ScaNN, sharded if needed)
     <dataset>/{train,dev,test}.tsv     question<TAB>["answer", ...] (DPR's qas files)
 
-Models: local folders or hub ids (where the network exists). The paper trains with k = 5 or 10
+Models: local folders or hub ids (where the network exists); `rag-jax plan` needs neither (the hub ids
+below resolve to built-in shapes). The paper trains with k = 5 or 10
 documents on 8 x 32 GB GPUs, batch 128 (we use accumulation where the mesh is smaller), Adam, mixed
 precision; test-time decoding: RAG-Token 15 docs, RAG-Sequence 50 docs thorough, greedy (beam 1)
 for QA.
@@ -55,6 +56,10 @@ def get_config(arg: str = "nq-token"):
     c.train.clip_norm = 0.1
     c.train.epsilon = 0.1
     c.train.compute_dtype = "bfloat16"
+    # accelerator layout: parameters and optimizer state sharded over every device (FSDP), each layer's
+    # activations recomputed in the backward pass; `rag-jax plan` shows this fits v5e-8 and H100 x8
+    c.train.remat = True
+    c.mesh.data, c.mesh.fsdp, c.mesh.model = 1, -1, 1
     c.train.eval_every = 2_000
     c.train.save_every = 2_000
     c.train.best_metric = "em"

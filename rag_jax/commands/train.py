@@ -19,7 +19,7 @@ from collections.abc import Callable
 from rag_jax.errors import ConfigError, UserError
 
 
-def _run_config(load: Callable, source: str, *args):
+def load_run_config(load: Callable, source: str, *args):
     """``load(*args)``: a run config; a failure (a missing file, an unknown override, an exception in the
     config file's own code) is a ``ConfigError`` about ``source``."""
     try:
@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     from rag_jax.config import load_config
     from rag_jax.training import loop
 
-    cfg = _run_config(load_config, args.config, args.config, args.overrides)
+    cfg = load_run_config(load_config, args.config, args.config, args.overrides)
     metrics = loop.train(cfg, progress=not args.no_progress)
     print(json.dumps({"run_dir": cfg.run_dir, "dev": metrics}))
     return 0
@@ -46,7 +46,7 @@ def _eval(args: argparse.Namespace) -> int:
     from rag_jax.config import saved_run_config
     from rag_jax.training import components, evaluate
 
-    cfg = _run_config(saved_run_config, args.run, args.run, args.overrides)
+    cfg = load_run_config(saved_run_config, args.run, args.run, args.overrides)
     question_tokenizer, generator_tokenizer = components.tokenizers(cfg)
     examples = components.read_split(cfg, args.split)  # data mistakes show before the model loads
     model, step = evaluate.load_trained_model(cfg, args.step)
@@ -65,7 +65,7 @@ def _export(args: argparse.Namespace) -> int:
     from rag_jax.config import saved_run_config
     from rag_jax.training.export import export_run
 
-    cfg = _run_config(saved_run_config, args.run, args.run)
+    cfg = load_run_config(saved_run_config, args.run, args.run)
     step, notes = export_run(cfg, args.out, step=args.step, link_corpus=args.link_corpus)
     for note in notes:
         print("note:", note)

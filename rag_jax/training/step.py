@@ -103,8 +103,9 @@ class Trainer:
         }
         if cfg.learn_score_scale:  # learned in log space: the scale stays positive
             self._initial_params["score_scale"] = np.log(np.float32(model.score_scale))
-        replicated = NamedSharding(self.mesh, P())
-        self.buffers = jax.device_put(nnx.to_pure_dict(buffers), replicated)
+        # non-trainable buffers (final_logits_bias) are constants of the step, on the host until it runs:
+        # a trainer over compile-only devices (ahead-of-time planning) holds no device arrays
+        self.buffers = jax.tree.map(np.asarray, nnx.to_pure_dict(buffers))
         self.tx = make_optimizer(cfg.optimizer, _param_groups(cfg), _group_learning_rates(cfg))
         self._steps = {}  # the jitted step by batch type
 
@@ -209,6 +210,15 @@ class Trainer:
         batch_size = jax.tree.leaves(batch)[0].shape[0]
         if batch_size % self.cfg.grad_accum_steps:
             raise ValueError(f"batch size {batch_size} is not a multiple of grad_accum_steps {self.cfg.grad_accum_steps}")
+        step = self.jitted_step(state, batch)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            return step(state, sharding.shard_batch(batch, self.mesh))
+
+    def jitted_step(self, state: TrainState, batch: Batch):
+        """The jitted, donated step for ``batch``'s type (one per type), laid out for ``state`` and the
+        mesh; ``state`` and ``batch`` may be abstract (``abstract_state()``, ``jax.ShapeDtypeStruct``s):
+        ``jitted_step(state, batch).trace(state, batch).lower().compile()`` compiles ahead of time."""
         if type(batch) not in self._steps:
             state_shardings = self.state_shardings(state)
             self._steps[type(batch)] = jax.jit(
@@ -217,9 +227,7 @@ class Trainer:
                 out_shardings=(state_shardings, NamedSharding(self.mesh, P())),
                 donate_argnums=(0, 1),
             )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            return self._steps[type(batch)](state, sharding.shard_batch(batch, self.mesh))
+        return self._steps[type(batch)]
 
     def to_model(self, params: dict) -> RagModel:
         """A ``RagModel`` with the given trainable parameters (for evaluation, generation, export) and

@@ -44,7 +44,7 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _layout(n: int, num_devices: int, chunk_size: int) -> tuple[int, int]:
+def corpus_layout(n: int, num_devices: int, chunk_size: int) -> tuple[int, int]:
     """``(chunk, rows_per_device)``: as few chunks of at most ``chunk_size`` rows (a multiple of 8)
     as cover a device's share, so padding stays under 8 rows per chunk."""
     per_device = -(-n // num_devices)
@@ -84,7 +84,7 @@ def _local_topk(q_QxD, emb_RxD, *, k: int, chunk: int, n_valid: int, approx_reca
 
 
 @functools.lru_cache(maxsize=64)
-def _search_program(mesh: Mesh, k: int, chunk: int, n_valid: int, approx_recall: float | None):
+def search_program(mesh: Mesh, k: int, chunk: int, n_valid: int, approx_recall: float | None):
     """The jitted search ``(queries [Q, D], corpus [N_pad, D]) -> (scores [Q, k], rows [Q, k])``."""
     local = functools.partial(_local_topk, k=k, chunk=chunk, n_valid=n_valid, approx_recall=approx_recall)
     per_device = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS, None)), out_specs=(P(AXIS), P(AXIS)))
@@ -99,6 +99,19 @@ def _search_program(mesh: Mesh, k: int, chunk: int, n_valid: int, approx_recall:
         return s_QxK, jnp.take_along_axis(i_QxGK, j, axis=1)
 
     return search
+
+
+def abstract_search(size: int, dim: int, *, k: int, query_batch: int, dtype: str, devices: Sequence[jax.Device],
+                    chunk_size: int = 32768):
+    """``(search, queries, corpus)``: the jitted search of an index of ``size`` x ``dim`` rows over
+    ``devices`` and its arguments as ``jax.ShapeDtypeStruct``s with their shardings, to compile ahead
+    of time (``search.trace(queries, corpus).lower().compile()``) without the embeddings."""
+    mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+    chunk, rows_per_device = corpus_layout(size, len(devices), chunk_size)
+    queries = jax.ShapeDtypeStruct((query_batch, dim), jnp.float32, sharding=NamedSharding(mesh, P()))
+    corpus = jax.ShapeDtypeStruct((rows_per_device * len(devices), dim), jnp.dtype(DTYPES[dtype]),
+                                  sharding=NamedSharding(mesh, P(AXIS, None)))  # fmt: skip
+    return search_program(mesh, k, chunk, size, None), queries, corpus
 
 
 class ExactIndex:
@@ -129,7 +142,7 @@ class ExactIndex:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         devices = list(devices if devices is not None else jax.devices())
         mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(AxisType.Auto,), devices=devices)
-        chunk, rows_per_device = _layout(n, len(devices), chunk_size)
+        chunk, rows_per_device = corpus_layout(n, len(devices), chunk_size)
         storage = DTYPES[dtype]
 
         def rows(index):
@@ -146,7 +159,7 @@ class ExactIndex:
         """Top-k rows by inner product: ``(ids [Q, k] int64, scores [Q, k] float32)``. Queries go in
         blocks of a power of two up to ``query_batch`` (few compiled shapes)."""
         q = check_queries(queries, self.dim, self.size, k)
-        program = _search_program(self.mesh, k, self.chunk, self.size, self.approx_recall)
+        program = search_program(self.mesh, k, self.chunk, self.size, self.approx_recall)
         block = min(query_batch, 1 << max(3, math.ceil(math.log2(max(len(q), 1)))))
         ids, scores = [], []
         replicated = NamedSharding(self.mesh, P())
