@@ -3,9 +3,9 @@
 The module tree mirrors the transformers one (``shared``, ``encoder.layers.self_attn.q_proj``, ...), except
 that each stack's layers are one module whose variables carry a leading layer axis (created with
 ``nnx.vmap``; ``encoder.layers.fc1.kernel`` is ``[L, D, F]``), run with ``jax.lax.scan``, so compile time
-does not grow with depth and ``remat=True`` checkpoints one layer at a time. The checkpoint conversion
-in ``rag_jax.hf.bart`` is a renaming rule plus that stacking. ``cfg.normalize_before`` selects the
-mBART layout: pre-LN layers and a final ``layer_norm`` after each stack.
+does not grow with depth and ``remat`` (a policy of ``rag_jax.models.remat``) checkpoints one layer at a
+time. The checkpoint conversion in ``rag_jax.hf.bart`` is a renaming rule plus that stacking.
+``cfg.normalize_before`` selects the mBART layout: pre-LN layers and a final ``layer_norm`` after each stack.
 
 Mixed precision: parameters are kept in ``param_dtype``; with ``dtype=jnp.bfloat16`` the matmuls run in
 bfloat16 while the residual stream, the layer norms, the attention softmax and the logits stay float32.
@@ -28,6 +28,7 @@ from flax import nnx
 from rag_jax.models.activations import ACTIVATIONS
 from rag_jax.models.configs import BartConfig
 from rag_jax.models.dropout import dropout
+from rag_jax.models.remat import check_remat, rematerialised
 
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding: position p is row p + 2
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used by every BART layer norm
@@ -298,7 +299,7 @@ class _Stack(nnx.Module):
     ``_stacked_layers``), the parts around them (positions, embedding norm, final norm) and the scan over
     the layers."""
 
-    def __init__(self, cfg: BartConfig, make_layer, num_layers: int, *, rngs: nnx.Rngs, param_dtype, remat: bool):
+    def __init__(self, cfg: BartConfig, make_layer, num_layers: int, *, rngs: nnx.Rngs, param_dtype, remat: str):
         self.layers = _stacked_layers(make_layer, num_layers, rngs)  # drawn first, as the layers always were
         self.num_layers = num_layers
         self.embed_positions = nnx.Embed(
@@ -311,7 +312,7 @@ class _Stack(nnx.Module):
         self.layernorm_embedding = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
         self.layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype) if cfg.normalize_before else None
         self.dropout_rate = cfg.dropout
-        self.remat = remat
+        self.remat = check_remat(remat)
 
     def _embed(self, tokens_BxLxD, positions_BxL, key) -> jax.Array:
         h_BxLxD = tokens_BxLxD + self.embed_positions(positions_BxL + POSITION_OFFSET)
@@ -322,21 +323,19 @@ class _Stack(nnx.Module):
 
     def _scan(self, body, h, xs):
         """``body(layer, h, x) -> (h, y)`` over the layers in order with ``jax.lax.scan``: ``xs`` and the
-        returned ``ys`` have a leading layer axis. With ``remat``, each layer's activations are recomputed
-        in the backward pass instead of stored."""
+        returned ``ys`` have a leading layer axis. ``remat`` (a policy name) sets which of each layer's
+        activations are recomputed in the backward pass instead of stored."""
         graphdef, state = nnx.split(self.layers)
 
         def step(h, state_and_x):
             layer_state, x = state_and_x
             return body(nnx.merge(graphdef, layer_state), h, x)
 
-        if self.remat:
-            step = jax.checkpoint(step, prevent_cse=False)  # a scan body is not CSE'd across iterations
-        return jax.lax.scan(step, h, (state, xs))
+        return jax.lax.scan(rematerialised(step, self.remat), h, (state, xs))
 
 
 class Encoder(_Stack):
-    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: bool):
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: str):
         def make_layer(rngs):
             return EncoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -356,7 +355,7 @@ class Encoder(_Stack):
 
 
 class Decoder(_Stack):
-    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: bool):
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: str):
         def make_layer(rngs):
             return DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -401,7 +400,7 @@ def _self_attention_mask(index_B, t: int, length: int, decoder_attention_mask) -
 class Bart(nnx.Module):
     """``BartForConditionalGeneration``: shared token embedding, encoder, decoder, tied LM head + bias."""
 
-    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, remat: bool = False):
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, remat: str = "none"):
         if cfg.activation_function not in ACTIVATIONS:
             raise ValueError(f"activation_function={cfg.activation_function!r} is not one of {sorted(ACTIVATIONS)}")
         dtype = dtype or param_dtype

@@ -2,8 +2,8 @@
 
 Matches transformers' ``BertModel`` (post-LN, absolute positions, bidirectional attention) to float
 rounding. Parameters are nested dicts of arrays; the transformer layers are stacked along a leading
-layer axis and run with ``jax.lax.scan``, so compile time does not grow with depth and
-``remat=True`` checkpoints one layer at a time::
+layer axis and run with ``jax.lax.scan``, so compile time does not grow with depth and ``remat``
+(a policy of ``rag_jax.models.remat``) checkpoints one layer at a time::
 
     embeddings:  word [V, D], position [P, D], token_type [T, D], norm {scale, bias} [D]
     layers:      query, key, value, attn_out {kernel [L, D, D], bias [L, D]}
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from rag_jax.models.activations import activation
 from rag_jax.models.configs import BertConfig
 from rag_jax.models.dropout import dropout
+from rag_jax.models.remat import rematerialised
 
 Params = dict[str, Any]
 
@@ -157,13 +158,14 @@ def encode(
     cfg: BertConfig,
     dropout_key: jax.Array | None = None,
     compute_dtype=None,
-    remat: bool = False,
+    remat: str = "none",
 ) -> jax.Array:
     """Last-layer hidden states [B, S, D] of BertModel.
 
     ``attention_mask_BxS`` is 1 for tokens and 0 for padding. Dropout (hidden and attention
     probabilities) is applied only when ``dropout_key`` is given. ``compute_dtype`` (default: the
-    word embeddings' dtype) is the dtype of the matmuls and of the returned hidden states.
+    word embeddings' dtype) is the dtype of the matmuls and of the returned hidden states. ``remat``
+    names the rematerialisation policy of each layer (``rag_jax.models.remat.REMAT_POLICIES``).
     """
     dtype = jnp.dtype(compute_dtype or params["embeddings"]["word"].dtype)
     if token_type_ids_BxS is None:
@@ -181,7 +183,5 @@ def encode(
         p, key = layer
         return _layer(x_BxSxD, p, key, mask_Bx1x1xS, cfg, dtype), None
 
-    if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
-    x_BxSxD, _ = jax.lax.scan(body, x_BxSxD, (params["layers"], layer_keys))
+    x_BxSxD, _ = jax.lax.scan(rematerialised(body, remat), x_BxSxD, (params["layers"], layer_keys))
     return x_BxSxD
