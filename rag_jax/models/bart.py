@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rag_jax.models.activations import ACTIVATIONS
+from rag_jax.models.attention import use_dot_product_attention
 from rag_jax.models.configs import BartConfig
 from rag_jax.models.dropout import dropout
 from rag_jax.models.remat import check_remat, rematerialised
@@ -147,6 +148,18 @@ def _layer_norm(d_model: int, *, rngs: nnx.Rngs, param_dtype) -> nnx.LayerNorm:
     )
 
 
+def _explicit_attention(q_CxQxHxK, k_CxHxSxK, v_CxHxSxK, mask_Cx1xQxS, rate: float, key) -> jax.Array:
+    """Softmax attention ``[C, Q, H, Dh]`` with dropout on the probabilities (``rate``, when ``key`` is
+    given); masked scores are the most negative float32."""
+    q_CxHxQxK = q_CxQxHxK.transpose(0, 2, 1, 3)
+    scores_CxHxQxS = jnp.einsum("chqk,chsk->chqs", q_CxHxQxK, k_CxHxSxK, preferred_element_type=jnp.float32)
+    scores_CxHxQxS = jnp.where(mask_Cx1xQxS, scores_CxHxQxS, _MASKED)
+    probs_CxHxQxS = dropout(jax.nn.softmax(scores_CxHxQxS, axis=-1), rate, key)
+    # heads stay a batch axis of the product (XLA:CPU runs a dot whose output moves them much slower)
+    out_CxHxQxK = jnp.einsum("chqs,chsk->chqk", probs_CxHxQxS.astype(v_CxHxSxK.dtype), v_CxHxSxK)
+    return out_CxHxQxK.transpose(0, 2, 1, 3)
+
+
 class Attention(nnx.Module):
     """Multi-head attention (``BartAttention``): q/k/v/out projections, queries scaled by ``Dh**-0.5``."""
 
@@ -174,21 +187,21 @@ class Attention(nnx.Module):
         The keys, values and mask may have ``C = B / G`` rows: then each run of G consecutive rows of
         ``x`` (the beams of one document) attends to one row of them, as G * T queries of that row, so
         shared keys/values are neither copied nor read G times (the mask's T axis must then be 1).
+        The product runs in ``jax.nn.dot_product_attention`` where ``rag_jax.models.attention`` allows it.
         """
         b, t = x_BxTxD.shape[:2]
         c, h, _, dh = k_CxHxSxK.shape
         if b % c:
             raise ValueError(f"{b} query rows cannot share {c} rows of keys/values (not a multiple)")
-        q_BxHxTxK = self._split_heads(self.q_proj(x_BxTxD))
-        q_BxHxTxK = (q_BxHxTxK * jnp.asarray(dh**-0.5, q_BxHxTxK.dtype)).astype(k_CxHxSxK.dtype)
-        q_CxHxQxK = q_BxHxTxK.reshape(c, b // c, h, t, dh).transpose(0, 2, 1, 3, 4).reshape(c, h, -1, dh)
-        scores_CxHxQxS = jnp.einsum("chqk,chsk->chqs", q_CxHxQxK, k_CxHxSxK, preferred_element_type=jnp.float32)
-        scores_CxHxQxS = jnp.where(mask_Cx1xTxS, scores_CxHxQxS, _MASKED)
-        probs_CxHxQxS = jax.nn.softmax(scores_CxHxQxS, axis=-1)
-        probs_CxHxQxS = dropout(probs_CxHxQxS, self.dropout_rate, key)
-        # heads stay a batch axis of the product (XLA:CPU runs a dot whose output moves them much slower)
-        out_CxHxQxK = jnp.einsum("chqs,chsk->chqk", probs_CxHxQxS.astype(v_CxHxSxK.dtype), v_CxHxSxK)
-        return self.out_proj(out_CxHxQxK.transpose(0, 2, 1, 3).reshape(b, t, h * dh))
+        q_BxTxHxK = self.q_proj(x_BxTxD).reshape(b, t, h, dh)
+        q_BxTxHxK = (q_BxTxHxK * jnp.asarray(dh**-0.5, q_BxTxHxK.dtype)).astype(k_CxHxSxK.dtype)
+        q_CxQxHxK = q_BxTxHxK.reshape(c, -1, h, dh)  # a run of G rows of T queries: G * T queries
+        if use_dot_product_attention(self.dropout_rate, key):  # scale 1: the queries are scaled, as in transformers
+            k_CxSxHxK, v_CxSxHxK = k_CxHxSxK.transpose(0, 2, 1, 3), v_CxHxSxK.transpose(0, 2, 1, 3)
+            out_CxQxHxK = jax.nn.dot_product_attention(q_CxQxHxK, k_CxSxHxK, v_CxSxHxK, mask=mask_Cx1xTxS, scale=1.0)
+        else:
+            out_CxQxHxK = _explicit_attention(q_CxQxHxK, k_CxHxSxK, v_CxHxSxK, mask_Cx1xTxS, self.dropout_rate, key)
+        return self.out_proj(out_CxQxHxK.reshape(b, t, h * dh))
 
 
 class _Layer(nnx.Module):

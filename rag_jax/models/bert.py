@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from rag_jax.models.activations import activation
+from rag_jax.models.attention import use_dot_product_attention
 from rag_jax.models.configs import BertConfig
 from rag_jax.models.dropout import dropout
 from rag_jax.models.remat import rematerialised
@@ -112,23 +113,33 @@ def layer_norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
-def _attention(x_BxSxD, p: Params, mask_Bx1x1xS, cfg: BertConfig, dtype, key) -> jax.Array:
+def _explicit_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, keep_Bx1x1xS, rate: float, key) -> jax.Array:
+    """Softmax attention with dropout on the probabilities (``rate``, when ``key`` is given); masked
+    scores are the most negative float32, as transformers' additive mask makes them."""
+    scores_BxHxSxS = jnp.einsum("bqhk,bshk->bhqs", q_BxSxHxK, k_BxSxHxK, preferred_element_type=jnp.float32)
+    scores_BxHxSxS = jnp.where(keep_Bx1x1xS, scores_BxHxSxS * (q_BxSxHxK.shape[-1] ** -0.5), jnp.finfo(jnp.float32).min)
+    probs_BxHxSxS = dropout(jax.nn.softmax(scores_BxHxSxS, axis=-1), rate, key)
+    return jnp.einsum("bhqs,bshk->bqhk", probs_BxHxSxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+
+
+def _attention(x_BxSxD, p: Params, keep_Bx1x1xS, cfg: BertConfig, dtype, key) -> jax.Array:
     b, s, _ = x_BxSxD.shape
     h, dh = cfg.num_attention_heads, cfg.head_dim
     q_BxSxHxK = dense(x_BxSxD, p["query"], dtype).reshape(b, s, h, dh)
     k_BxSxHxK = dense(x_BxSxD, p["key"], dtype).reshape(b, s, h, dh)
     v_BxSxHxK = dense(x_BxSxD, p["value"], dtype).reshape(b, s, h, dh)
-    scores_BxHxSxS = jnp.einsum("bqhk,bshk->bhqs", q_BxSxHxK, k_BxSxHxK, preferred_element_type=jnp.float32)
-    scores_BxHxSxS = scores_BxHxSxS * (dh**-0.5) + mask_Bx1x1xS
-    probs_BxHxSxS = dropout(jax.nn.softmax(scores_BxHxSxS, axis=-1), cfg.attention_probs_dropout_prob, key)
-    ctx_BxSxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxSxS.astype(dtype), v_BxSxHxK)
+    rate = cfg.attention_probs_dropout_prob  # 0.1 in BERT checkpoints: training takes the explicit path
+    if use_dot_product_attention(rate, key):
+        ctx_BxSxHxK = jax.nn.dot_product_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, mask=keep_Bx1x1xS, scale=dh**-0.5)
+    else:
+        ctx_BxSxHxK = _explicit_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, keep_Bx1x1xS, rate, key)
     return ctx_BxSxHxK.reshape(b, s, h * dh)
 
 
-def _layer(x_BxSxD, p: Params, key, mask_Bx1x1xS, cfg: BertConfig, dtype) -> jax.Array:
+def _layer(x_BxSxD, p: Params, key, keep_Bx1x1xS, cfg: BertConfig, dtype) -> jax.Array:
     """One post-LN transformer layer (BertLayer)."""
     k_attn, k_attn_out, k_mlp_out = (None, None, None) if key is None else jax.random.split(key, 3)
-    ctx_BxSxD = _attention(x_BxSxD, p, mask_Bx1x1xS, cfg, dtype, k_attn)
+    ctx_BxSxD = _attention(x_BxSxD, p, keep_Bx1x1xS, cfg, dtype, k_attn)
     attn_BxSxD = dropout(dense(ctx_BxSxD, p["attn_out"], dtype), cfg.hidden_dropout_prob, k_attn_out)
     x_BxSxD = layer_norm(attn_BxSxD.astype(jnp.float32) + x_BxSxD, p["attn_norm"], cfg.layer_norm_eps).astype(dtype)
     mid_BxSxF = activation(cfg.hidden_act)(dense(x_BxSxD, p["mlp_in"], dtype))
@@ -176,12 +187,11 @@ def encode(
         layer_keys = jax.random.split(layers_key, cfg.num_hidden_layers)
 
     x_BxSxD = embed(params, input_ids_BxS, token_type_ids_BxS, cfg=cfg, dtype=dtype, key=emb_key)
-    # Additive mask like transformers: 0 for tokens, the most negative float32 for padding.
-    mask_Bx1x1xS = jnp.where(attention_mask_BxS[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+    keep_Bx1x1xS = attention_mask_BxS[:, None, None, :] > 0
 
     def body(x_BxSxD, layer):
         p, key = layer
-        return _layer(x_BxSxD, p, key, mask_Bx1x1xS, cfg, dtype), None
+        return _layer(x_BxSxD, p, key, keep_Bx1x1xS, cfg, dtype), None
 
     x_BxSxD, _ = jax.lax.scan(rematerialised(body, remat), x_BxSxD, (params["layers"], layer_keys))
     return x_BxSxD
