@@ -109,7 +109,8 @@ def test_remat_policies_and_the_old_flag(tmp_path):
     assert resolve(default_config()).train.remat == "none"
     for value, policy in ((True, "full"), (False, "none"), ("dots_saveable", "dots_saveable")):
         assert resolve(with_changes(default_config(), train={"remat": value})).train.remat == policy
-    for text, policy in (("true", "full"), ("False", "none"), ("dots_with_no_batch_dims_saveable", "dots_with_no_batch_dims_saveable")):
+    no_batch_dims = "dots_with_no_batch_dims_saveable"
+    for text, policy in (("true", "full"), ("False", "none"), (no_batch_dims, no_batch_dims)):
         config = default_config()
         apply_override(config, f"--config.train.remat={text}")
         assert resolve(config).train.remat == policy
