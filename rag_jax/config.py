@@ -36,6 +36,7 @@ import ml_collections
 
 from rag_jax.errors import ConfigError
 from rag_jax.models.configs import RagConfig
+from rag_jax.models.remat import REMAT_POLICIES
 from rag_jax.rag import objective
 
 VARIANTS = ("token", "sequence", "closed_book")
@@ -100,7 +101,9 @@ def default_config() -> ml_collections.ConfigDict:
         query_encoder_learning_rate=ml_collections.config_dict.placeholder(float),  # None: learning_rate
         score_scale_learning_rate=ml_collections.config_dict.placeholder(float),  # None: learning_rate
         compute_dtype="float32",  # float32 | bfloat16 (matmuls; master weights stay float32)
-        remat=False,
+        # rematerialisation of each scanned layer: none | full | dots_saveable | dots_with_no_batch_dims_saveable
+        # (rag_jax.models.remat); True / False, from configs written when it was a flag, mean full / none
+        remat=ml_collections.FieldReference("none", field_type=object),
         grad_accum_steps=1,
         retrieval_refresh_every=1,  # steps between refreshes of the question encoder used for retrieval
         on_nonfinite="stop",  # stop | skip
@@ -286,7 +289,7 @@ class TrainConfig:
     learn_score_scale: bool  # params["score_scale"] = log(scale), its own optimizer group "score_scale"
     score_scale_learning_rate: float | None  # None: the optimizer's learning rate
     compute_dtype: Literal["float32", "bfloat16"]
-    remat: bool
+    remat: str  # a policy of rag_jax.models.remat.REMAT_POLICIES
     grad_accum_steps: int
     skip_nonfinite: bool
     optimizer: OptimizerConfig
@@ -312,11 +315,20 @@ class RunSettings:
     score_scale: float | None  # the retrieval score scale (the initial one when learned); None: automatic
 
 
-def _check_choice(config: ml_collections.ConfigDict, field: str, choices) -> None:
-    section, name = field.split(".")
-    value = config[section][name]
+def _check_choice(field: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"must be one of {', '.join(map(repr, choices))}; got {value!r}", what=f"config.{field}")
+
+
+_REMAT_FLAGS = {"true": "full", "1": "full", "yes": "full", "false": "none", "0": "none", "no": "none"}
+
+
+def _remat_policy(value) -> str:
+    """``train.remat`` as a policy name: a boolean (the field was a flag before the policies, in a config
+    file or as an override's text) is ``"full"`` or ``"none"``; an unknown name is a ``ConfigError``."""
+    policy = _REMAT_FLAGS.get(str(value).lower(), value)
+    _check_choice("train.remat", policy, REMAT_POLICIES)
+    return policy
 
 
 def dense_rag(config: ml_collections.ConfigDict) -> bool:
@@ -331,7 +343,8 @@ def resolve(config: ml_collections.ConfigDict) -> RunSettings:
     for field, choices in (("rag.variant", VARIANTS), ("corpus.retriever", RETRIEVERS), ("train.form", objective.FORMS),
                            ("train.loss_reduction", ("mean", "sum")), ("train.compute_dtype", COMPUTE_DTYPES),
                            ("train.on_nonfinite", ("stop", "skip"))):  # fmt: skip
-        _check_choice(config, field, choices)
+        section, name = field.split(".")
+        _check_choice(field, config[section][name], choices)
     t = config.train
     if t.grad_accum_steps < 1:
         raise ConfigError(f"must be >= 1, got {t.grad_accum_steps}", what="config.train.grad_accum_steps")
@@ -349,7 +362,7 @@ def resolve(config: ml_collections.ConfigDict) -> RunSettings:
         freeze_query_encoder=t.freeze_query_encoder or config.corpus.retriever == "bm25",
         query_encoder_learning_rate=t.query_encoder_learning_rate,
         learn_score_scale=config.rag.learn_score_scale and dense_rag(config), score_scale_learning_rate=t.score_scale_learning_rate,
-        compute_dtype=t.compute_dtype, remat=t.remat,
+        compute_dtype=t.compute_dtype, remat=_remat_policy(t.remat),
         grad_accum_steps=t.grad_accum_steps, skip_nonfinite=t.on_nonfinite == "skip", optimizer=optimizer,
         seed=config.seed,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Test-wide settings: 8 simulated CPU devices and float32 matmuls at full precision.
+"""Test-wide settings: 8 simulated CPU devices and float32 matmuls at full precision; ``--attention``.
 
 XLA_FLAGS must be set before jax is imported anywhere, so it is set here, at collection time.
 """
@@ -14,3 +14,18 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--attention", choices=("auto", "dot_product"), default="auto",
+        help="dot_product: attention through jax.nn.dot_product_attention wherever dropout allows, on CPU "
+        "too (rag_jax.models.attention), e.g. to run the transformers parity tests through it",
+    )  # fmt: skip
+
+
+def pytest_configure(config):
+    if config.getoption("--attention") == "dot_product":
+        from rag_jax.models import attention
+
+        attention.EXPLICIT_BACKENDS = ()

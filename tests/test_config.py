@@ -42,7 +42,7 @@ def test_load_config_with_arg_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, error",
     [("--config.rag.kk=3", "no field 'rag.kk'"), ("--config.nope.k=3", "no field 'nope'"),
-     ("--config.rag.k=three", "expected int"), ("--config.train.remat=maybe", "expected a boolean"),
+     ("--config.rag.k=three", "expected int"), ("--config.train.freeze_query_encoder=maybe", "expected a boolean"),
      ("rag.k=3", "expected --config")],
 )  # fmt: skip
 def test_bad_overrides_are_named(override, error):
@@ -93,13 +93,32 @@ def test_resolve_builds_the_views_from_the_one_schema():
 
 
 @pytest.mark.parametrize("section, field, value", [("rag", "variant", "tokens"), ("train", "on_nonfinite", "ignore"),
-                                                   ("train", "compute_dtype", "float16"), ("train", "form", "torch")])
+                                                   ("train", "compute_dtype", "float16"), ("train", "form", "torch"),
+                                                   ("train", "remat", "maybe")])
 def test_resolve_refuses_values_outside_their_choices(section, field, value):
     with pytest.raises(ValueError, match=rf"config.{section}.{field}: must be one of .*; got '{value}'"):
         resolve(with_changes(default_config(), **{section: {field: value}}))
     with pytest.raises(ValueError, match="grad_accum_steps: must be >= 1"):
         resolve(with_changes(default_config(), train={"grad_accum_steps": 0}))
 
+
+
+def test_remat_policies_and_the_old_flag(tmp_path):
+    """``train.remat`` names a policy; True / False (a config file, a saved run or an override written
+    when it was a flag) still mean "full" / "none"."""
+    assert resolve(default_config()).train.remat == "none"
+    for value, policy in ((True, "full"), (False, "none"), ("dots_saveable", "dots_saveable")):
+        assert resolve(with_changes(default_config(), train={"remat": value})).train.remat == policy
+    no_batch_dims = "dots_with_no_batch_dims_saveable"
+    for text, policy in (("true", "full"), ("False", "none"), (no_batch_dims, no_batch_dims)):
+        config = default_config()
+        apply_override(config, f"--config.train.remat={text}")
+        assert resolve(config).train.remat == policy
+    saved = default_config().to_dict()
+    saved["train"]["remat"] = True
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "config.json").write_text(json.dumps(saved))
+    assert resolve(saved_run_config(str(tmp_path))).train.remat == "full"
 
 
 def test_score_scale_settings():

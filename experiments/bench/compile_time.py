@@ -30,12 +30,13 @@ from flax import nnx
 
 from rag_jax.models.bart import Bart
 from rag_jax.models.configs import BartConfig
+from rag_jax.models.remat import REMAT_POLICIES
 from rag_jax.rag import objective
 from rag_jax.rag.decoding import SearchOptions, rag_token_search
 from rag_jax.rag.model import per_doc_logits
 
 
-def _abstract_generator(layers: int, remat: bool):
+def _abstract_generator(layers: int, remat: str):
     cfg = BartConfig(encoder_layers=layers, decoder_layers=layers)
     return cfg, nnx.split(nnx.eval_shape(lambda: Bart(cfg, rngs=nnx.Rngs(0), remat=remat)))
 
@@ -48,7 +49,7 @@ def _float32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def lower_train(layers: int, b: int, k: int, s: int, t: int, remat: bool):
+def lower_train(layers: int, b: int, k: int, s: int, t: int, remat: str):
     cfg, (graphdef, state) = _abstract_generator(layers, remat)
 
     def loss(weights, ids_BxKxS, mask_BxKxS, labels_BxT, doc_scores_BxK, key):
@@ -63,7 +64,7 @@ def lower_train(layers: int, b: int, k: int, s: int, t: int, remat: bool):
     return jax.jit(jax.value_and_grad(loss)).lower(*args)
 
 
-def lower_decode(layers: int, b: int, k: int, s: int, t: int, remat: bool):
+def lower_decode(layers: int, b: int, k: int, s: int, t: int, remat: str):
     _, (graphdef, state) = _abstract_generator(layers, remat)
     options = SearchOptions(max_length=t)
     return rag_token_search.lower(graphdef, state, _int32(b, k, s), _int32(b, k, s), _float32(b, k), options)
@@ -95,7 +96,8 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=5)
     parser.add_argument("--source-len", type=int, default=128)
     parser.add_argument("--target-len", type=int, default=25)
-    parser.add_argument("--remat", action="store_true", help="build the generator with remat=True")
+    parser.add_argument("--remat", nargs="?", const="full", default="none", choices=REMAT_POLICIES,
+                        help="the generator's remat policy (no value: full)")
     parser.add_argument("--repeats", type=int, default=1, help="report the fastest of this many runs")
     args = parser.parse_args()
     shape = {"b": args.batch, "k": args.docs, "s": args.source_len, "t": args.target_len, "remat": args.remat}

@@ -107,7 +107,7 @@ def bart_from_hf(
     *,
     dtype=None,
     param_dtype=jnp.float32,
-    remat: bool = False,
+    remat: str = "none",
 ) -> Bart:
     """A ``Bart`` holding the weights of a transformers state dict.
 

@@ -23,7 +23,7 @@ TOKENIZER_FILES = (
 """Files copied next to an exported generator when its source folder has them."""
 
 
-def load_generator(path: str, *, dtype=None, param_dtype=jnp.float32, remat: bool = False) -> Generator:
+def load_generator(path: str, *, dtype=None, param_dtype=jnp.float32, remat: str = "none") -> Generator:
     """Load a transformers ``BartForConditionalGeneration`` folder (config.json + weights), strictly;
     a hub id is downloaded where the network allows."""
     path = model_folder(path)

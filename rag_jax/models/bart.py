@@ -3,9 +3,9 @@
 The module tree mirrors the transformers one (``shared``, ``encoder.layers.self_attn.q_proj``, ...), except
 that each stack's layers are one module whose variables carry a leading layer axis (created with
 ``nnx.vmap``; ``encoder.layers.fc1.kernel`` is ``[L, D, F]``), run with ``jax.lax.scan``, so compile time
-does not grow with depth and ``remat=True`` checkpoints one layer at a time. The checkpoint conversion
-in ``rag_jax.hf.bart`` is a renaming rule plus that stacking. ``cfg.normalize_before`` selects the
-mBART layout: pre-LN layers and a final ``layer_norm`` after each stack.
+does not grow with depth and ``remat`` (a policy of ``rag_jax.models.remat``) checkpoints one layer at a
+time. The checkpoint conversion in ``rag_jax.hf.bart`` is a renaming rule plus that stacking.
+``cfg.normalize_before`` selects the mBART layout: pre-LN layers and a final ``layer_norm`` after each stack.
 
 Mixed precision: parameters are kept in ``param_dtype``; with ``dtype=jnp.bfloat16`` the matmuls run in
 bfloat16 while the residual stream, the layer norms, the attention softmax and the logits stay float32.
@@ -26,8 +26,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rag_jax.models.activations import ACTIVATIONS
+from rag_jax.models.attention import use_dot_product_attention
 from rag_jax.models.configs import BartConfig
 from rag_jax.models.dropout import dropout
+from rag_jax.models.remat import check_remat, rematerialised
 
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding: position p is row p + 2
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used by every BART layer norm
@@ -146,6 +148,18 @@ def _layer_norm(d_model: int, *, rngs: nnx.Rngs, param_dtype) -> nnx.LayerNorm:
     )
 
 
+def _explicit_attention(q_CxQxHxK, k_CxHxSxK, v_CxHxSxK, mask_Cx1xQxS, rate: float, key) -> jax.Array:
+    """Softmax attention ``[C, Q, H, Dh]`` with dropout on the probabilities (``rate``, when ``key`` is
+    given); masked scores are the most negative float32."""
+    q_CxHxQxK = q_CxQxHxK.transpose(0, 2, 1, 3)
+    scores_CxHxQxS = jnp.einsum("chqk,chsk->chqs", q_CxHxQxK, k_CxHxSxK, preferred_element_type=jnp.float32)
+    scores_CxHxQxS = jnp.where(mask_Cx1xQxS, scores_CxHxQxS, _MASKED)
+    probs_CxHxQxS = dropout(jax.nn.softmax(scores_CxHxQxS, axis=-1), rate, key)
+    # heads stay a batch axis of the product (XLA:CPU runs a dot whose output moves them much slower)
+    out_CxHxQxK = jnp.einsum("chqs,chsk->chqk", probs_CxHxQxS.astype(v_CxHxSxK.dtype), v_CxHxSxK)
+    return out_CxHxQxK.transpose(0, 2, 1, 3)
+
+
 class Attention(nnx.Module):
     """Multi-head attention (``BartAttention``): q/k/v/out projections, queries scaled by ``Dh**-0.5``."""
 
@@ -173,21 +187,21 @@ class Attention(nnx.Module):
         The keys, values and mask may have ``C = B / G`` rows: then each run of G consecutive rows of
         ``x`` (the beams of one document) attends to one row of them, as G * T queries of that row, so
         shared keys/values are neither copied nor read G times (the mask's T axis must then be 1).
+        The product runs in ``jax.nn.dot_product_attention`` where ``rag_jax.models.attention`` allows it.
         """
         b, t = x_BxTxD.shape[:2]
         c, h, _, dh = k_CxHxSxK.shape
         if b % c:
             raise ValueError(f"{b} query rows cannot share {c} rows of keys/values (not a multiple)")
-        q_BxHxTxK = self._split_heads(self.q_proj(x_BxTxD))
-        q_BxHxTxK = (q_BxHxTxK * jnp.asarray(dh**-0.5, q_BxHxTxK.dtype)).astype(k_CxHxSxK.dtype)
-        q_CxHxQxK = q_BxHxTxK.reshape(c, b // c, h, t, dh).transpose(0, 2, 1, 3, 4).reshape(c, h, -1, dh)
-        scores_CxHxQxS = jnp.einsum("chqk,chsk->chqs", q_CxHxQxK, k_CxHxSxK, preferred_element_type=jnp.float32)
-        scores_CxHxQxS = jnp.where(mask_Cx1xTxS, scores_CxHxQxS, _MASKED)
-        probs_CxHxQxS = jax.nn.softmax(scores_CxHxQxS, axis=-1)
-        probs_CxHxQxS = dropout(probs_CxHxQxS, self.dropout_rate, key)
-        # heads stay a batch axis of the product (XLA:CPU runs a dot whose output moves them much slower)
-        out_CxHxQxK = jnp.einsum("chqs,chsk->chqk", probs_CxHxQxS.astype(v_CxHxSxK.dtype), v_CxHxSxK)
-        return self.out_proj(out_CxHxQxK.transpose(0, 2, 1, 3).reshape(b, t, h * dh))
+        q_BxTxHxK = self.q_proj(x_BxTxD).reshape(b, t, h, dh)
+        q_BxTxHxK = (q_BxTxHxK * jnp.asarray(dh**-0.5, q_BxTxHxK.dtype)).astype(k_CxHxSxK.dtype)
+        q_CxQxHxK = q_BxTxHxK.reshape(c, -1, h, dh)  # a run of G rows of T queries: G * T queries
+        if use_dot_product_attention(self.dropout_rate, key):  # scale 1: the queries are scaled, as in transformers
+            k_CxSxHxK, v_CxSxHxK = k_CxHxSxK.transpose(0, 2, 1, 3), v_CxHxSxK.transpose(0, 2, 1, 3)
+            out_CxQxHxK = jax.nn.dot_product_attention(q_CxQxHxK, k_CxSxHxK, v_CxSxHxK, mask=mask_Cx1xTxS, scale=1.0)
+        else:
+            out_CxQxHxK = _explicit_attention(q_CxQxHxK, k_CxHxSxK, v_CxHxSxK, mask_Cx1xTxS, self.dropout_rate, key)
+        return self.out_proj(out_CxQxHxK.reshape(b, t, h * dh))
 
 
 class _Layer(nnx.Module):
@@ -298,7 +312,7 @@ class _Stack(nnx.Module):
     ``_stacked_layers``), the parts around them (positions, embedding norm, final norm) and the scan over
     the layers."""
 
-    def __init__(self, cfg: BartConfig, make_layer, num_layers: int, *, rngs: nnx.Rngs, param_dtype, remat: bool):
+    def __init__(self, cfg: BartConfig, make_layer, num_layers: int, *, rngs: nnx.Rngs, param_dtype, remat: str):
         self.layers = _stacked_layers(make_layer, num_layers, rngs)  # drawn first, as the layers always were
         self.num_layers = num_layers
         self.embed_positions = nnx.Embed(
@@ -311,7 +325,7 @@ class _Stack(nnx.Module):
         self.layernorm_embedding = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
         self.layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype) if cfg.normalize_before else None
         self.dropout_rate = cfg.dropout
-        self.remat = remat
+        self.remat = check_remat(remat)
 
     def _embed(self, tokens_BxLxD, positions_BxL, key) -> jax.Array:
         h_BxLxD = tokens_BxLxD + self.embed_positions(positions_BxL + POSITION_OFFSET)
@@ -322,21 +336,19 @@ class _Stack(nnx.Module):
 
     def _scan(self, body, h, xs):
         """``body(layer, h, x) -> (h, y)`` over the layers in order with ``jax.lax.scan``: ``xs`` and the
-        returned ``ys`` have a leading layer axis. With ``remat``, each layer's activations are recomputed
-        in the backward pass instead of stored."""
+        returned ``ys`` have a leading layer axis. ``remat`` (a policy name) sets which of each layer's
+        activations are recomputed in the backward pass instead of stored."""
         graphdef, state = nnx.split(self.layers)
 
         def step(h, state_and_x):
             layer_state, x = state_and_x
             return body(nnx.merge(graphdef, layer_state), h, x)
 
-        if self.remat:
-            step = jax.checkpoint(step, prevent_cse=False)  # a scan body is not CSE'd across iterations
-        return jax.lax.scan(step, h, (state, xs))
+        return jax.lax.scan(rematerialised(step, self.remat), h, (state, xs))
 
 
 class Encoder(_Stack):
-    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: bool):
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: str):
         def make_layer(rngs):
             return EncoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -356,7 +368,7 @@ class Encoder(_Stack):
 
 
 class Decoder(_Stack):
-    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: bool):
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: str):
         def make_layer(rngs):
             return DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -401,7 +413,7 @@ def _self_attention_mask(index_B, t: int, length: int, decoder_attention_mask) -
 class Bart(nnx.Module):
     """``BartForConditionalGeneration``: shared token embedding, encoder, decoder, tied LM head + bias."""
 
-    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, remat: bool = False):
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, remat: str = "none"):
         if cfg.activation_function not in ACTIVATIONS:
             raise ValueError(f"activation_function={cfg.activation_function!r} is not one of {sorted(ACTIVATIONS)}")
         dtype = dtype or param_dtype

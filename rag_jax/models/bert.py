@@ -2,8 +2,8 @@
 
 Matches transformers' ``BertModel`` (post-LN, absolute positions, bidirectional attention) to float
 rounding. Parameters are nested dicts of arrays; the transformer layers are stacked along a leading
-layer axis and run with ``jax.lax.scan``, so compile time does not grow with depth and
-``remat=True`` checkpoints one layer at a time::
+layer axis and run with ``jax.lax.scan``, so compile time does not grow with depth and ``remat``
+(a policy of ``rag_jax.models.remat``) checkpoints one layer at a time::
 
     embeddings:  word [V, D], position [P, D], token_type [T, D], norm {scale, bias} [D]
     layers:      query, key, value, attn_out {kernel [L, D, D], bias [L, D]}
@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from rag_jax.models.activations import activation
+from rag_jax.models.attention import use_dot_product_attention
 from rag_jax.models.configs import BertConfig
 from rag_jax.models.dropout import dropout
+from rag_jax.models.remat import rematerialised
 
 Params = dict[str, Any]
 
@@ -111,23 +113,33 @@ def layer_norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
-def _attention(x_BxSxD, p: Params, mask_Bx1x1xS, cfg: BertConfig, dtype, key) -> jax.Array:
+def _explicit_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, keep_Bx1x1xS, rate: float, key) -> jax.Array:
+    """Softmax attention with dropout on the probabilities (``rate``, when ``key`` is given); masked
+    scores are the most negative float32, as transformers' additive mask makes them."""
+    scores_BxHxSxS = jnp.einsum("bqhk,bshk->bhqs", q_BxSxHxK, k_BxSxHxK, preferred_element_type=jnp.float32)
+    scores_BxHxSxS = jnp.where(keep_Bx1x1xS, scores_BxHxSxS * (q_BxSxHxK.shape[-1] ** -0.5), jnp.finfo(jnp.float32).min)
+    probs_BxHxSxS = dropout(jax.nn.softmax(scores_BxHxSxS, axis=-1), rate, key)
+    return jnp.einsum("bhqs,bshk->bqhk", probs_BxHxSxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+
+
+def _attention(x_BxSxD, p: Params, keep_Bx1x1xS, cfg: BertConfig, dtype, key) -> jax.Array:
     b, s, _ = x_BxSxD.shape
     h, dh = cfg.num_attention_heads, cfg.head_dim
     q_BxSxHxK = dense(x_BxSxD, p["query"], dtype).reshape(b, s, h, dh)
     k_BxSxHxK = dense(x_BxSxD, p["key"], dtype).reshape(b, s, h, dh)
     v_BxSxHxK = dense(x_BxSxD, p["value"], dtype).reshape(b, s, h, dh)
-    scores_BxHxSxS = jnp.einsum("bqhk,bshk->bhqs", q_BxSxHxK, k_BxSxHxK, preferred_element_type=jnp.float32)
-    scores_BxHxSxS = scores_BxHxSxS * (dh**-0.5) + mask_Bx1x1xS
-    probs_BxHxSxS = dropout(jax.nn.softmax(scores_BxHxSxS, axis=-1), cfg.attention_probs_dropout_prob, key)
-    ctx_BxSxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxSxS.astype(dtype), v_BxSxHxK)
+    rate = cfg.attention_probs_dropout_prob  # 0.1 in BERT checkpoints: training takes the explicit path
+    if use_dot_product_attention(rate, key):
+        ctx_BxSxHxK = jax.nn.dot_product_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, mask=keep_Bx1x1xS, scale=dh**-0.5)
+    else:
+        ctx_BxSxHxK = _explicit_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, keep_Bx1x1xS, rate, key)
     return ctx_BxSxHxK.reshape(b, s, h * dh)
 
 
-def _layer(x_BxSxD, p: Params, key, mask_Bx1x1xS, cfg: BertConfig, dtype) -> jax.Array:
+def _layer(x_BxSxD, p: Params, key, keep_Bx1x1xS, cfg: BertConfig, dtype) -> jax.Array:
     """One post-LN transformer layer (BertLayer)."""
     k_attn, k_attn_out, k_mlp_out = (None, None, None) if key is None else jax.random.split(key, 3)
-    ctx_BxSxD = _attention(x_BxSxD, p, mask_Bx1x1xS, cfg, dtype, k_attn)
+    ctx_BxSxD = _attention(x_BxSxD, p, keep_Bx1x1xS, cfg, dtype, k_attn)
     attn_BxSxD = dropout(dense(ctx_BxSxD, p["attn_out"], dtype), cfg.hidden_dropout_prob, k_attn_out)
     x_BxSxD = layer_norm(attn_BxSxD.astype(jnp.float32) + x_BxSxD, p["attn_norm"], cfg.layer_norm_eps).astype(dtype)
     mid_BxSxF = activation(cfg.hidden_act)(dense(x_BxSxD, p["mlp_in"], dtype))
@@ -157,13 +169,14 @@ def encode(
     cfg: BertConfig,
     dropout_key: jax.Array | None = None,
     compute_dtype=None,
-    remat: bool = False,
+    remat: str = "none",
 ) -> jax.Array:
     """Last-layer hidden states [B, S, D] of BertModel.
 
     ``attention_mask_BxS`` is 1 for tokens and 0 for padding. Dropout (hidden and attention
     probabilities) is applied only when ``dropout_key`` is given. ``compute_dtype`` (default: the
-    word embeddings' dtype) is the dtype of the matmuls and of the returned hidden states.
+    word embeddings' dtype) is the dtype of the matmuls and of the returned hidden states. ``remat``
+    names the rematerialisation policy of each layer (``rag_jax.models.remat.REMAT_POLICIES``).
     """
     dtype = jnp.dtype(compute_dtype or params["embeddings"]["word"].dtype)
     if token_type_ids_BxS is None:
@@ -174,14 +187,11 @@ def encode(
         layer_keys = jax.random.split(layers_key, cfg.num_hidden_layers)
 
     x_BxSxD = embed(params, input_ids_BxS, token_type_ids_BxS, cfg=cfg, dtype=dtype, key=emb_key)
-    # Additive mask like transformers: 0 for tokens, the most negative float32 for padding.
-    mask_Bx1x1xS = jnp.where(attention_mask_BxS[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+    keep_Bx1x1xS = attention_mask_BxS[:, None, None, :] > 0
 
     def body(x_BxSxD, layer):
         p, key = layer
-        return _layer(x_BxSxD, p, key, mask_Bx1x1xS, cfg, dtype), None
+        return _layer(x_BxSxD, p, key, keep_Bx1x1xS, cfg, dtype), None
 
-    if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
-    x_BxSxD, _ = jax.lax.scan(body, x_BxSxD, (params["layers"], layer_keys))
+    x_BxSxD, _ = jax.lax.scan(rematerialised(body, remat), x_BxSxD, (params["layers"], layer_keys))
     return x_BxSxD

@@ -60,7 +60,7 @@ def pooled_encode(
     pooling: str,
     dropout_key: jax.Array | None = None,
     compute_dtype=None,
-    remat: bool = False,
+    remat: str = "none",
 ) -> jax.Array:
     """Encoder vectors [B, output_dim] (float32): BERT, pooling, then DPR's projection if any.
 

@@ -19,6 +19,7 @@ from rag_jax.hf.generator import load_generator, save_generator_hf
 from rag_jax.hf.io import CheckpointKeyError, read_config, read_state_dict
 from rag_jax.models.bart import Attention, Bart, count_params, take_decoder_rows
 from rag_jax.models.configs import BartConfig
+from rag_jax.models.remat import REMAT_POLICIES
 
 VOCAB = 97
 TOL = 1e-5
@@ -298,7 +299,7 @@ def test_dropout_only_when_not_deterministic_and_reproducible(inputs):
         model(*inputs, deterministic=False)
 
 
-def _remat_loss(cfg: BartConfig, remat: bool):
+def _remat_loss(cfg: BartConfig, remat: str):
     """A dropout-on training loss of the logits as a function of the weights, and the weights."""
     ids, mask, dec, _ = (np.ones((2, 5), np.int32),) * 4
     graphdef, state = nnx.split(Bart(cfg, rngs=nnx.Rngs(0), remat=remat))
@@ -320,21 +321,46 @@ def _count_primitives(jaxpr, name: str) -> int:
     return count
 
 
-def test_remat_wraps_the_scanned_layer():
-    """One rematerialised layer body per stack, inside its scan (not one per layer)."""
+def _remat_policies(jaxpr) -> list:
+    """The ``policy`` of every rematerialised body in ``jaxpr`` and the jaxprs nested in it."""
+    policies = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "remat2":
+            policies.append(eqn.params["policy"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            policies += _remat_policies(sub)
+    return policies
 
-    def rematerialised(remat):
+
+def test_remat_wraps_the_scanned_layer_with_its_policy():
+    """One rematerialised layer body per stack, inside its scan (not one per layer), with the policy
+    named; the backward pass recomputes the matmuls the policy does not save: all of them ("full"),
+    the attention products only ("dots_with_no_batch_dims_saveable"), none ("dots_saveable")."""
+
+    def grad_jaxpr(remat):
         loss, state = _remat_loss(_dropout_config(), remat)
-        return _count_primitives(jax.make_jaxpr(jax.grad(loss))(state).jaxpr, "remat2")
+        return jax.make_jaxpr(jax.grad(loss))(state).jaxpr
 
-    assert (rematerialised(False), rematerialised(True)) == (0, 2)
+    jaxprs = {remat: grad_jaxpr(remat) for remat in REMAT_POLICIES}
+    assert _remat_policies(jaxprs["none"]) == []
+    assert _remat_policies(jaxprs["full"]) == [None, None]
+    saveable = jax.checkpoint_policies
+    assert _remat_policies(jaxprs["dots_saveable"]) == [saveable.dots_saveable] * 2
+    no_batch_dims = _remat_policies(jaxprs["dots_with_no_batch_dims_saveable"])
+    assert no_batch_dims == [saveable.dots_with_no_batch_dims_saveable] * 2
+    dots = {remat: _count_primitives(jaxpr, "dot_general") for remat, jaxpr in jaxprs.items()}
+    assert dots["none"] == dots["dots_saveable"] < dots["dots_with_no_batch_dims_saveable"] < dots["full"], dots
+    with pytest.raises(ValueError, match="remat=True is not one of"):
+        Bart(_dropout_config(), rngs=nnx.Rngs(0), remat=True)
 
 
-def test_remat_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("remat", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_gives_the_same_loss_and_gradients(remat):
     cfg = BartConfig(**{**TINY, "decoder_layers": 3}, dropout=0.3, attention_dropout=0.2, activation_dropout=0.1)
-    (loss, grads), (loss_remat, grads_remat) = (
-        jax.jit(jax.value_and_grad(fn))(state) for fn, state in (_remat_loss(cfg, False), _remat_loss(cfg, True))
-    )
+    with jax.default_matmul_precision("highest"):
+        (loss, grads), (loss_remat, grads_remat) = (
+            jax.jit(jax.value_and_grad(fn))(state) for fn, state in (_remat_loss(cfg, "none"), _remat_loss(cfg, remat))
+        )
     assert float(loss) == pytest.approx(float(loss_remat), rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -346,7 +372,7 @@ def test_program_size_does_not_grow_with_depth():
 
     def hlo_sizes(layers):
         cfg = BartConfig(**{**TINY, "encoder_layers": layers, "decoder_layers": layers})
-        loss, state = _remat_loss(cfg, remat=False)
+        loss, state = _remat_loss(cfg, remat="none")
         train = jax.jit(jax.grad(loss)).lower(state).as_text()
         model = Bart(cfg, rngs=nnx.Rngs(0))
         ids = np.ones((2, 5), np.int32)

@@ -161,7 +161,8 @@ def test_dropout_is_keyed_and_reproducible():
     assert max_diff(a, c) > 1e-3
 
 
-def test_remat_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("remat", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_gives_the_same_loss_and_gradients(remat):
     cfg, params, (ids, mask, token_types) = random_encoder_setup()
 
     def loss(params, remat):
@@ -169,7 +170,8 @@ def test_remat_gives_the_same_loss_and_gradients():
         return jnp.sum(vectors * jnp.arange(cfg.output_dim, dtype=jnp.float32)[None, :])
 
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-    (value, grads), (value_remat, grads_remat) = grad(params, False), grad(params, True)
+    with jax.default_matmul_precision("highest"):
+        (value, grads), (value_remat, grads_remat) = grad(params, "none"), grad(params, remat)
     np.testing.assert_allclose(value_remat, value, rtol=1e-6)
     for g, g_remat in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
         np.testing.assert_allclose(g_remat, g, rtol=1e-5, atol=1e-6)
