@@ -507,6 +507,9 @@ def table(args) -> str:
             continue
         with open(status_path, encoding="utf-8") as f:
             status = f.read().split()
+        if status[0] == "not":
+            rows.append(dict(zip(COLUMNS, (title, "not run", "", "", " ".join(status[2:])))))
+            continue
         if status[0] == "skipped":
             rows.append(dict(zip(COLUMNS, (title, "**skipped**", "", "", f"too little of the run's time left ({status[1]} s)"))))
             continue

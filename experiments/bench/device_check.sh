@@ -4,6 +4,7 @@
 #   bash experiments/bench/device_check.sh          # one H100 / H200: under 8 minutes
 #   bash experiments/bench/device_check.sh --tiny   # small shapes: a CPU, a few minutes
 #   bash experiments/bench/device_check.sh --fetch-wheels   # here, with network: .whl/ for the device
+#   bash experiments/bench/device_check.sh --only index,decode   # some parts (a rerun of one that failed)
 #
 # Three parts, each in its own process with its own time budget (a part that fails or runs out of
 # time gets an error row and the next part runs; its finished rows are kept):
@@ -22,12 +23,17 @@ cd "$(dirname "$0")/../.."
 
 TINY=0
 FETCH=0
-for arg in "$@"; do
+ONLY=train,decode,index
+while (($#)); do
+  arg=$1
+  shift
   case "$arg" in
     --tiny) TINY=1 ;;
     --fetch-wheels) FETCH=1 ;;
-    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "unknown argument: $arg (expected --tiny or --fetch-wheels)" >&2; exit 2 ;;
+    --only) ONLY=${1:?--only needs parts, e.g. --only train,index}; shift ;;
+    --only=*) ONLY=${arg#--only=} ;;
+    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $arg (expected --tiny, --only PARTS or --fetch-wheels)" >&2; exit 2 ;;
   esac
 done
 WHEELS=(ml_collections scann)  # imported by rag_jax, absent from the device image (KINDS.md's package list)
@@ -80,6 +86,10 @@ run_part() {
   local name=$1 budget=$2 reserve=$3
   shift 3
   local now left limit started rc
+  if [[ ",$ONLY," != *",$name,"* ]]; then
+    echo "not run (--only $ONLY)" >"$WORK/$name.status"
+    return
+  fi
   now=$(date +%s)
   left=$((START + TOTAL - now - reserve))
   limit=$((budget < left ? budget : left))
