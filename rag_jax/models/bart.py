@@ -13,6 +13,9 @@ bfloat16 while the residual stream, the layer norms, the attention softmax and t
 Incremental decoding uses an explicit, functional ``DecodeCache`` (see ``Bart.init_cache``): ``decode``
 takes a cache and returns the updated one, so it works under ``jax.jit`` and ``jax.lax.while_loop``. Its
 keys and values are stacked over the decoder layers too (layer axis first), scanned with the layers.
+
+Every parameter declares its logical axes where it is created (``out_sharding`` metadata of its
+``nnx.Param``; the stacking adds a leading "layers" axis); ``param_logical_axes`` reads them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from flax import nnx
 from rag_jax.models.activations import ACTIVATIONS
 from rag_jax.models.configs import BartConfig
 from rag_jax.models.dropout import dropout
+from rag_jax.models.partitioning import LogicalAxes
 
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding: position p is row p + 2
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used by every BART layer norm
@@ -128,22 +132,34 @@ def _token_embedding_init(std: float, pad_token_id: int):
     return init
 
 
-def _linear(in_features: int, out_features: int, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
-    """A linear layer initialised as transformers initialises BART's: normal(init_std) weights, zero bias."""
+def _axes(*names: str) -> dict:
+    """``nnx.Param`` metadata declaring the logical axes of its dimensions. They only name the axes: the
+    parameter is not placed on a mesh when created (``eager_sharding`` off), a run lays it out."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def _linear(in_features: int, out_features: int, cfg: BartConfig, kernel_axes: LogicalAxes, bias_axis: str, *,
+            rngs: nnx.Rngs, dtype, param_dtype):  # fmt: skip
+    """A linear layer initialised as transformers initialises BART's: normal(init_std) weights, zero bias;
+    its kernel ``[in, out]`` has ``kernel_axes``, its bias ``bias_axis`` ("norm", replicated, for the
+    biases added to the hidden states)."""
     return nnx.Linear(
         in_features,
         out_features,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nnx.initializers.normal(cfg.init_std),
+        kernel_metadata=_axes(*kernel_axes),
+        bias_metadata=_axes(bias_axis),
         rngs=rngs,
     )
 
 
 def _layer_norm(d_model: int, *, rngs: nnx.Rngs, param_dtype) -> nnx.LayerNorm:
     return nnx.LayerNorm(
-        d_model, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs
-    )
+        d_model, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False,
+        scale_metadata=_axes("norm"), bias_metadata=_axes("norm"), rngs=rngs,
+    )  # fmt: skip
 
 
 class Attention(nnx.Module):
@@ -154,7 +170,10 @@ class Attention(nnx.Module):
         if d % num_heads:
             raise ValueError(f"d_model={d} is not divisible by the number of heads {num_heads}")
         linear = functools.partial(_linear, d, d, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = linear(), linear(), linear(), linear()
+        self.q_proj = linear(("embed", "heads"), "heads")
+        self.k_proj = linear(("embed", "heads"), "heads")
+        self.v_proj = linear(("embed", "heads"), "heads")
+        self.out_proj = linear(("heads", "embed"), "norm")
         self.num_heads = num_heads
         self.head_dim = d // num_heads
         self.dropout_rate = cfg.attention_dropout
@@ -198,8 +217,10 @@ class _Layer(nnx.Module):
     """
 
     def __init__(self, cfg: BartConfig, ffn_dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
-        self.fc1 = _linear(cfg.d_model, ffn_dim, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.fc2 = _linear(ffn_dim, cfg.d_model, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = _linear(cfg.d_model, ffn_dim, cfg, ("embed", "mlp"), "mlp", rngs=rngs, dtype=dtype,
+                           param_dtype=param_dtype)  # fmt: skip
+        self.fc2 = _linear(ffn_dim, cfg.d_model, cfg, ("mlp", "embed"), "norm", rngs=rngs, dtype=dtype,
+                           param_dtype=param_dtype)  # fmt: skip
         self.final_layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
         self.activation = cfg.activation_function
         self.normalize_before = cfg.normalize_before
@@ -283,10 +304,11 @@ _write_at_every_layer = jax.vmap(_write_at, in_axes=(0, 0, None))
 
 def _stacked_layers(make_layer, layers: int, rngs: nnx.Rngs) -> nnx.Module:
     """``layers`` layers ``make_layer(rngs)`` as one module whose variables have a leading layer axis,
-    each layer initialised from its own split of ``rngs`` (flax's scan-over-layers recipe)."""
+    each layer initialised from its own split of ``rngs`` (flax's scan-over-layers recipe); the layer axis
+    is named "layers" in the variables' logical axes."""
 
     @nnx.split_rngs(splits=layers)
-    @nnx.vmap(in_axes=0, out_axes=0)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
         return make_layer(rngs)
 
@@ -306,6 +328,7 @@ class _Stack(nnx.Module):
             cfg.d_model,
             param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(cfg.init_std),
+            embedding_metadata=_axes("norm", "embed"),
             rngs=rngs,
         )
         self.layernorm_embedding = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
@@ -412,6 +435,7 @@ class Bart(nnx.Module):
             cfg.d_model,
             param_dtype=param_dtype,
             embedding_init=_token_embedding_init(cfg.init_std, cfg.pad_token_id),
+            embedding_metadata=_axes("vocab", "embed"),
             rngs=rngs,
         )
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
@@ -532,3 +556,15 @@ class Bart(nnx.Module):
 def count_params(model: nnx.Module) -> int:
     """Number of trainable (``nnx.Param``) scalars; the tied embedding counts once, buffers not at all."""
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def param_logical_axes(model: nnx.Module) -> dict:
+    """The logical axes every ``nnx.Param`` of ``model`` (also an abstract one, from ``nnx.eval_shape``)
+    declared when created, as a nested dict shaped like ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``
+    with tuples of names as leaves. A parameter that declared none is left out."""
+    declared = {
+        path: tuple(variable.get_metadata()["out_sharding"])
+        for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        if variable.get_metadata().get("out_sharding")
+    }
+    return nnx.traversals.unflatten_mapping(declared)

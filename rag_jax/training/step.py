@@ -34,11 +34,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rag_jax.config import TrainConfig
-from rag_jax.models.bart import Bart
+from rag_jax.models.bart import Bart, param_logical_axes
 from rag_jax.rag.batches import Batch
 from rag_jax.rag.model import RagModel, per_example_loss, question_vectors
 from rag_jax.training import sharding
-from rag_jax.training.optim import global_norm, make_optimizer
+from rag_jax.training.optim import AdamWState, global_norm, make_optimizer
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.train.compute_dtype -> dtype
 
@@ -101,8 +101,12 @@ class Trainer:
             "query_encoder": model.question_encoder.params,
             "generator": nnx.to_pure_dict(gen_params),
         }
+        # the logical axes of every trainable parameter, declared by the models (the scale is a scalar)
+        self.logical_axes = {"query_encoder": model.question_encoder.logical_axes(),
+                             "generator": param_logical_axes(abstract)}  # fmt: skip
         if cfg.learn_score_scale:  # learned in log space: the scale stays positive
             self._initial_params["score_scale"] = np.log(np.float32(model.score_scale))
+            self.logical_axes["score_scale"] = ()
         replicated = NamedSharding(self.mesh, P())
         self.buffers = jax.device_put(nnx.to_pure_dict(buffers), replicated)
         self.tx = make_optimizer(cfg.optimizer, _param_groups(cfg), _group_learning_rates(cfg))
@@ -111,11 +115,18 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
 
     def state_shardings(self, state: TrainState) -> TrainState:
+        """The layout of ``state`` on the mesh: parameters and their AdamW moments by the parameters'
+        logical axes, the rest replicated."""
         replicated = NamedSharding(self.mesh, P())
+        opt_state = state.opt_state
         return TrainState(
             step=replicated,
-            params=sharding.param_shardings(state.params, self.mesh),
-            opt_state=sharding.param_shardings(state.opt_state, self.mesh),
+            params=sharding.param_shardings(state.params, self.logical_axes, self.mesh),
+            opt_state=AdamWState(
+                count=replicated,
+                mu=sharding.param_shardings(opt_state.mu, self.logical_axes, self.mesh),
+                nu=sharding.param_shardings(opt_state.nu, self.logical_axes, self.mesh),
+            ),
             rng=replicated,
         )
 
