@@ -15,7 +15,9 @@ takes a cache and returns the updated one, so it works under ``jax.jit`` and ``j
 keys and values are stacked over the decoder layers too (layer axis first), scanned with the layers.
 
 Every parameter declares its logical axes where it is created (``out_sharding`` metadata of its
-``nnx.Param``; the stacking adds a leading "layers" axis); ``param_logical_axes`` reads them.
+``nnx.Param``; the stacking adds a leading "layers" axis); ``param_logical_axes`` reads them. The hidden
+states between layers and the logits are constrained to their logical layout when a mesh and axis rules
+are set (``rag_jax.models.partitioning``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from flax import nnx
 from rag_jax.models.activations import ACTIVATIONS
 from rag_jax.models.configs import BartConfig
 from rag_jax.models.dropout import dropout
-from rag_jax.models.partitioning import LogicalAxes
+from rag_jax.models.partitioning import HIDDEN, LOGITS, POSITION_TABLE, VOCAB_TABLE, LogicalAxes, constrain
 
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding: position p is row p + 2
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used by every BART layer norm
@@ -138,6 +140,11 @@ def _axes(*names: str) -> dict:
     return {"out_sharding": names, "eager_sharding": False}
 
 
+def _lookup(embed: nnx.Embed, ids: jax.Array, table_axes: LogicalAxes) -> jax.Array:
+    """``embed(ids)``, reading the table laid out as ``table_axes`` (``rag_jax.models.partitioning``)."""
+    return jnp.take(constrain(embed.embedding[...], table_axes), ids, axis=0)
+
+
 def _linear(in_features: int, out_features: int, cfg: BartConfig, kernel_axes: LogicalAxes, bias_axis: str, *,
             rngs: nnx.Rngs, dtype, param_dtype):  # fmt: skip
     """A linear layer initialised as transformers initialises BART's: normal(init_std) weights, zero bias;
@@ -238,7 +245,7 @@ class _Layer(nnx.Module):
         x_BxTxD = self._block_input(self.final_layer_norm, h_BxTxD)
         a_BxTxF = ACTIVATIONS[self.activation](self.fc1(x_BxTxD))
         out_BxTxD = self.fc2(dropout(a_BxTxF, self.activation_dropout_rate, keys[0]))
-        return self._block_output(self.final_layer_norm, h_BxTxD, out_BxTxD, keys[1])
+        return constrain(self._block_output(self.final_layer_norm, h_BxTxD, out_BxTxD, keys[1]), HIDDEN)
 
 
 class EncoderLayer(_Layer):
@@ -337,8 +344,8 @@ class _Stack(nnx.Module):
         self.remat = remat
 
     def _embed(self, tokens_BxLxD, positions_BxL, key) -> jax.Array:
-        h_BxLxD = tokens_BxLxD + self.embed_positions(positions_BxL + POSITION_OFFSET)
-        return dropout(self.layernorm_embedding(h_BxLxD), self.dropout_rate, key)
+        h_BxLxD = tokens_BxLxD + _lookup(self.embed_positions, positions_BxL + POSITION_OFFSET, POSITION_TABLE)
+        return constrain(dropout(self.layernorm_embedding(h_BxLxD), self.dropout_rate, key), HIDDEN)
 
     def _final(self, h_BxLxD) -> jax.Array:
         return h_BxLxD if self.layer_norm is None else self.layer_norm(h_BxLxD)
@@ -446,7 +453,7 @@ class Bart(nnx.Module):
     def _embed_tokens(self, ids_BxL) -> jax.Array:
         """Scaled token embeddings. As torch's ``Embedding(padding_idx=pad)``, looking up the padding token
         sends no gradient to its row (the tied LM head still does)."""
-        emb_BxLxD = self.shared(ids_BxL)
+        emb_BxLxD = _lookup(self.shared, ids_BxL, VOCAB_TABLE)
         is_pad_BxLx1 = (ids_BxL == self.config.pad_token_id)[..., None]
         return jnp.where(is_pad_BxLx1, jax.lax.stop_gradient(emb_BxLxD), emb_BxLxD) * self.embed_scale
 
@@ -523,12 +530,13 @@ class Bart(nnx.Module):
         )
 
     def _lm_head(self, h_BxTxD) -> jax.Array:
-        """Tied output projection (``h @ shared.T``) plus ``final_logits_bias``, in float32."""
-        embedding_VxD = self.shared.embedding[...].astype(self.dtype)
+        """Tied output projection (``h @ shared.T``) plus ``final_logits_bias``, in float32. On a mesh the
+        projection's vocabulary rows stay split and its hidden dimension is gathered, as are the logits'."""
+        embedding_VxD = constrain(self.shared.embedding[...].astype(self.dtype), VOCAB_TABLE)
         logits_BxTxV = jnp.einsum(
             "btd,vd->btv", h_BxTxD.astype(self.dtype), embedding_VxD, preferred_element_type=jnp.float32
         )
-        return logits_BxTxV + self.final_logits_bias[...].astype(jnp.float32)[None, None, :]
+        return constrain(logits_BxTxV + self.final_logits_bias[...].astype(jnp.float32)[None, None, :], LOGITS)
 
     def __call__(
         self,

@@ -17,7 +17,8 @@ Kernels are stored [in, out] (transposed from torch's Linear). LayerNorm and sof
 float32; ``compute_dtype`` sets the dtype of the matmuls and of the hidden states between them.
 
 Each parameter's logical axes (``logical_axes``, for sharding) are declared where its shape and
-initialiser are (``_layout``).
+initialiser are (``_layout``); the hidden states between layers are constrained to the "batch",
+"length", "embed" layout when a mesh and axis rules are set (``rag_jax.models.partitioning``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 from rag_jax.models.activations import activation
 from rag_jax.models.configs import BertConfig
 from rag_jax.models.dropout import dropout
-from rag_jax.models.partitioning import LogicalAxes
+from rag_jax.models.partitioning import HIDDEN, POSITION_TABLE, VOCAB_TABLE, LogicalAxes, constrain
 
 Params = dict[str, Any]
 
@@ -180,7 +181,8 @@ def _layer(x_BxSxD, p: Params, key, mask_Bx1x1xS, cfg: BertConfig, dtype) -> jax
     x_BxSxD = layer_norm(attn_BxSxD.astype(jnp.float32) + x_BxSxD, p["attn_norm"], cfg.layer_norm_eps).astype(dtype)
     mid_BxSxF = activation(cfg.hidden_act)(dense(x_BxSxD, p["mlp_in"], dtype))
     out_BxSxD = dropout(dense(mid_BxSxF, p["mlp_out"], dtype), cfg.hidden_dropout_prob, k_mlp_out)
-    return layer_norm(out_BxSxD.astype(jnp.float32) + x_BxSxD, p["mlp_norm"], cfg.layer_norm_eps).astype(dtype)
+    x_BxSxD = layer_norm(out_BxSxD.astype(jnp.float32) + x_BxSxD, p["mlp_norm"], cfg.layer_norm_eps).astype(dtype)
+    return constrain(x_BxSxD, HIDDEN)
 
 
 def embed(params: Params, input_ids_BxS, token_type_ids_BxS, *, cfg: BertConfig, dtype, key=None) -> jax.Array:
@@ -189,11 +191,15 @@ def embed(params: Params, input_ids_BxS, token_type_ids_BxS, *, cfg: BertConfig,
     if s > cfg.max_position_embeddings:
         raise ValueError(f"sequence length {s} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     e = params["embeddings"]
-    x_BxSxD = jnp.take(e["word"], input_ids_BxS, axis=0).astype(jnp.float32)
-    x_BxSxD = x_BxSxD + jnp.take(e["token_type"], token_type_ids_BxS, axis=0).astype(jnp.float32)
-    x_BxSxD = x_BxSxD + e["position"][None, :s].astype(jnp.float32)
+    word_VxD, token_type_TxD, position_PxD = (
+        constrain(e["word"], VOCAB_TABLE), constrain(e["token_type"], POSITION_TABLE),
+        constrain(e["position"], POSITION_TABLE),
+    )  # fmt: skip
+    x_BxSxD = jnp.take(word_VxD, input_ids_BxS, axis=0).astype(jnp.float32)
+    x_BxSxD = x_BxSxD + jnp.take(token_type_TxD, token_type_ids_BxS, axis=0).astype(jnp.float32)
+    x_BxSxD = x_BxSxD + position_PxD[None, :s].astype(jnp.float32)
     x_BxSxD = layer_norm(x_BxSxD, e["norm"], cfg.layer_norm_eps).astype(dtype)
-    return dropout(x_BxSxD, cfg.hidden_dropout_prob, key)
+    return constrain(dropout(x_BxSxD, cfg.hidden_dropout_prob, key), HIDDEN)
 
 
 def encode(

@@ -4,8 +4,9 @@ The mesh has three axes: ``data`` (pure data parallelism: parameters replicated)
 parallel over the batch too, but parameters and optimizer state sharded: ZeRO-3 style) and
 ``model`` (tensor parallelism: attention heads, feed-forward units and the vocabulary split over it;
 size 1 by default). The models declare the logical axes of every parameter where they create it
-(``rag_jax.models.bert.logical_axes``, ``rag_jax.models.bart.param_logical_axes``);
-``LOGICAL_AXIS_RULES`` maps logical names to mesh axes (``param_shardings``). A mesh axis that
+(``rag_jax.models.bert.logical_axes``, ``rag_jax.models.bart.param_logical_axes``) and name the
+logical axes of their large activations; ``LOGICAL_AXIS_RULES`` maps logical names to mesh axes, for
+the parameters (``param_shardings``) and, within ``use_mesh``, for the activations. A mesh axis that
 does not divide a dimension is dropped for that dimension (the tiny test models have dimensions like
 37), so any model runs on any mesh; for a dimension of ``WARN_MIN_DIM`` or more (a real model) a
 parameter's dropped axis is logged once, as a warning.
@@ -13,9 +14,11 @@ parameter's dropped axis is logged once, as a warning.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 import jax
@@ -24,7 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rag_jax.config import MeshConfig
-from rag_jax.models.partitioning import DroppedAxis, is_logical_axes, logical_spec
+from rag_jax.models.partitioning import DroppedAxis, axis_rules, is_logical_axes, logical_spec
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +96,14 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     if int(np.prod(shape)) != len(devices):
         raise ValueError(f"MeshConfig {cfg} needs {int(np.prod(shape))} devices, {len(devices)} available")
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh) -> Iterator[None]:
+    """Trace within this block for the models' activation constraints to apply: ``mesh`` is the current
+    mesh and ``LOGICAL_AXIS_RULES`` the logical-axis rules (``rag_jax.models.partitioning.constrain``)."""
+    with jax.set_mesh(mesh), axis_rules(LOGICAL_AXIS_RULES):
+        yield
 
 
 @functools.cache

@@ -228,7 +228,8 @@ class Trainer:
                 out_shardings=(state_shardings, NamedSharding(self.mesh, P())),
                 donate_argnums=(0, 1),
             )
-        with warnings.catch_warnings():
+        # traced on the mesh with the logical-axis rules, so the models' activation constraints apply
+        with warnings.catch_warnings(), sharding.use_mesh(self.mesh):
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
             return self._steps[type(batch)](state, sharding.shard_batch(batch, self.mesh))
 

@@ -1,6 +1,8 @@
-"""Logical axes: declared for every parameter where it is created; their partition specs."""
+"""Logical axes: declared for every parameter where it is created, and activation constraints that apply
+only under a mesh with axis rules."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -9,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from rag_jax.models import bert
 from rag_jax.models.bart import Bart, param_logical_axes
 from rag_jax.models.configs import BartConfig, BertConfig
-from rag_jax.models.partitioning import is_logical_axes, logical_spec
+from rag_jax.models.partitioning import axis_rules, constrain, is_logical_axes, logical_spec
 
 BERT = BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                   max_position_embeddings=64, projection_dim=16)  # fmt: skip
@@ -58,3 +60,18 @@ def test_logical_spec_drops_axes_that_do_not_divide():
     assert spec == P("data", "fsdp") and [(d.dim, d.mesh_axis) for d in dropped] == [(0, "fsdp")]
     spec, dropped = logical_spec(("batch", "embed"), (8, 32), RULES, mesh_shape)  # fsdp: used by the batch
     assert spec == P(("data", "fsdp"), None) and not dropped
+
+
+def test_constrain_is_a_no_op_without_a_mesh_or_rules():
+    x = jnp.arange(16.0).reshape(2, 8)
+    assert constrain(x, ("batch", "vocab")) is x
+    with axis_rules(RULES):
+        assert constrain(x, ("batch", "vocab")) is x  # no mesh
+    mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:4])  # fmt: skip
+    with jax.set_mesh(mesh):
+        assert constrain(x, ("batch", "vocab")) is x  # no rules
+        with axis_rules(RULES):
+            y = jax.jit(lambda x: constrain(x * 2, ("batch", "vocab")))(x)
+    assert y.sharding.spec == P("data", "model")
+    np.testing.assert_array_equal(y, 2 * x)
