@@ -18,8 +18,8 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterator
-from typing import Any, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
