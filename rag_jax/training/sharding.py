@@ -100,9 +100,10 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh) -> Iterator[None]:
-    """Trace within this block for the models' activation constraints to apply: ``mesh`` is the current
-    mesh and ``LOGICAL_AXIS_RULES`` the logical-axis rules (``rag_jax.models.partitioning.constrain``)."""
-    with jax.set_mesh(mesh), axis_rules(LOGICAL_AXIS_RULES):
+    """Within this block, also inside a traced function, the models' activation constraints apply:
+    ``mesh`` is the current (abstract) mesh and ``LOGICAL_AXIS_RULES`` the logical-axis rules
+    (``rag_jax.models.partitioning.constrain``)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), axis_rules(LOGICAL_AXIS_RULES):
         yield
 
 

@@ -215,6 +215,12 @@ class Trainer:
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
         return new_state, metrics
 
+    def _train_step_on_mesh(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        """``_train_step`` with the mesh and the logical-axis rules current, so the models' activation
+        constraints apply wherever the jitted step is traced."""
+        with sharding.use_mesh(self.mesh):
+            return self._train_step(state, batch)
+
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         """One optimizer step (jitted once per batch type; ``state`` and ``batch`` are donated: do not reuse them)."""
         batch_size = jax.tree.leaves(batch)[0].shape[0]
@@ -223,13 +229,12 @@ class Trainer:
         if type(batch) not in self._steps:
             state_shardings = self.state_shardings(state)
             self._steps[type(batch)] = jax.jit(
-                self._train_step,
+                self._train_step_on_mesh,
                 in_shardings=(state_shardings, sharding.batch_shardings(batch, self.mesh)),
                 out_shardings=(state_shardings, NamedSharding(self.mesh, P())),
                 donate_argnums=(0, 1),
             )
-        # traced on the mesh with the logical-axis rules, so the models' activation constraints apply
-        with warnings.catch_warnings(), sharding.use_mesh(self.mesh):
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
             return self._steps[type(batch)](state, sharding.shard_batch(batch, self.mesh))
 
