@@ -13,6 +13,11 @@ bfloat16 while the residual stream, the layer norms, the attention softmax and t
 Incremental decoding uses an explicit, functional ``DecodeCache`` (see ``Bart.init_cache``): ``decode``
 takes a cache and returns the updated one, so it works under ``jax.jit`` and ``jax.lax.while_loop``. Its
 keys and values are stacked over the decoder layers too (layer axis first), scanned with the layers.
+
+Every parameter declares its logical axes where it is created (``out_sharding`` metadata of its
+``nnx.Param``; the stacking adds a leading "layers" axis); ``param_logical_axes`` reads them. The hidden
+states between layers and the logits are constrained to their logical layout when a mesh and axis rules
+are set (``rag_jax.models.partitioning``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from rag_jax.models.activations import ACTIVATIONS
 from rag_jax.models.attention import use_dot_product_attention
 from rag_jax.models.configs import BartConfig
 from rag_jax.models.dropout import dropout
+from rag_jax.models.partitioning import HIDDEN, LOGITS, POSITION_TABLE, VOCAB_TABLE, LogicalAxes, constrain
 from rag_jax.models.remat import check_remat, rematerialised
 
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding: position p is row p + 2
@@ -130,22 +136,39 @@ def _token_embedding_init(std: float, pad_token_id: int):
     return init
 
 
-def _linear(in_features: int, out_features: int, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
-    """A linear layer initialised as transformers initialises BART's: normal(init_std) weights, zero bias."""
+def _axes(*names: str) -> dict:
+    """``nnx.Param`` metadata declaring the logical axes of its dimensions. They only name the axes: the
+    parameter is not placed on a mesh when created (``eager_sharding`` off), a run lays it out."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def _lookup(embed: nnx.Embed, ids: jax.Array, table_axes: LogicalAxes) -> jax.Array:
+    """``embed(ids)``, reading the table laid out as ``table_axes`` (``rag_jax.models.partitioning``)."""
+    return jnp.take(constrain(embed.embedding[...], table_axes), ids, axis=0)
+
+
+def _linear(in_features: int, out_features: int, cfg: BartConfig, kernel_axes: LogicalAxes, bias_axis: str, *,
+            rngs: nnx.Rngs, dtype, param_dtype):  # fmt: skip
+    """A linear layer initialised as transformers initialises BART's: normal(init_std) weights, zero bias;
+    its kernel ``[in, out]`` has ``kernel_axes``, its bias ``bias_axis`` ("norm", replicated, for the
+    biases added to the hidden states)."""
     return nnx.Linear(
         in_features,
         out_features,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nnx.initializers.normal(cfg.init_std),
+        kernel_metadata=_axes(*kernel_axes),
+        bias_metadata=_axes(bias_axis),
         rngs=rngs,
     )
 
 
 def _layer_norm(d_model: int, *, rngs: nnx.Rngs, param_dtype) -> nnx.LayerNorm:
     return nnx.LayerNorm(
-        d_model, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs
-    )
+        d_model, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False,
+        scale_metadata=_axes("norm"), bias_metadata=_axes("norm"), rngs=rngs,
+    )  # fmt: skip
 
 
 def _explicit_attention(q_CxQxHxK, k_CxHxSxK, v_CxHxSxK, mask_Cx1xQxS, rate: float, key) -> jax.Array:
@@ -168,7 +191,10 @@ class Attention(nnx.Module):
         if d % num_heads:
             raise ValueError(f"d_model={d} is not divisible by the number of heads {num_heads}")
         linear = functools.partial(_linear, d, d, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = linear(), linear(), linear(), linear()
+        self.q_proj = linear(("embed", "heads"), "heads")
+        self.k_proj = linear(("embed", "heads"), "heads")
+        self.v_proj = linear(("embed", "heads"), "heads")
+        self.out_proj = linear(("heads", "embed"), "norm")
         self.num_heads = num_heads
         self.head_dim = d // num_heads
         self.dropout_rate = cfg.attention_dropout
@@ -212,8 +238,10 @@ class _Layer(nnx.Module):
     """
 
     def __init__(self, cfg: BartConfig, ffn_dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
-        self.fc1 = _linear(cfg.d_model, ffn_dim, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.fc2 = _linear(ffn_dim, cfg.d_model, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = _linear(cfg.d_model, ffn_dim, cfg, ("embed", "mlp"), "mlp", rngs=rngs, dtype=dtype,
+                           param_dtype=param_dtype)  # fmt: skip
+        self.fc2 = _linear(ffn_dim, cfg.d_model, cfg, ("mlp", "embed"), "norm", rngs=rngs, dtype=dtype,
+                           param_dtype=param_dtype)  # fmt: skip
         self.final_layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
         self.activation = cfg.activation_function
         self.normalize_before = cfg.normalize_before
@@ -231,7 +259,7 @@ class _Layer(nnx.Module):
         x_BxTxD = self._block_input(self.final_layer_norm, h_BxTxD)
         a_BxTxF = ACTIVATIONS[self.activation](self.fc1(x_BxTxD))
         out_BxTxD = self.fc2(dropout(a_BxTxF, self.activation_dropout_rate, keys[0]))
-        return self._block_output(self.final_layer_norm, h_BxTxD, out_BxTxD, keys[1])
+        return constrain(self._block_output(self.final_layer_norm, h_BxTxD, out_BxTxD, keys[1]), HIDDEN)
 
 
 class EncoderLayer(_Layer):
@@ -297,10 +325,11 @@ _write_at_every_layer = jax.vmap(_write_at, in_axes=(0, 0, None))
 
 def _stacked_layers(make_layer, layers: int, rngs: nnx.Rngs) -> nnx.Module:
     """``layers`` layers ``make_layer(rngs)`` as one module whose variables have a leading layer axis,
-    each layer initialised from its own split of ``rngs`` (flax's scan-over-layers recipe)."""
+    each layer initialised from its own split of ``rngs`` (flax's scan-over-layers recipe); the layer axis
+    is named "layers" in the variables' logical axes."""
 
     @nnx.split_rngs(splits=layers)
-    @nnx.vmap(in_axes=0, out_axes=0)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
         return make_layer(rngs)
 
@@ -320,6 +349,7 @@ class _Stack(nnx.Module):
             cfg.d_model,
             param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(cfg.init_std),
+            embedding_metadata=_axes("norm", "embed"),
             rngs=rngs,
         )
         self.layernorm_embedding = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
@@ -328,8 +358,8 @@ class _Stack(nnx.Module):
         self.remat = check_remat(remat)
 
     def _embed(self, tokens_BxLxD, positions_BxL, key) -> jax.Array:
-        h_BxLxD = tokens_BxLxD + self.embed_positions(positions_BxL + POSITION_OFFSET)
-        return dropout(self.layernorm_embedding(h_BxLxD), self.dropout_rate, key)
+        h_BxLxD = tokens_BxLxD + _lookup(self.embed_positions, positions_BxL + POSITION_OFFSET, POSITION_TABLE)
+        return constrain(dropout(self.layernorm_embedding(h_BxLxD), self.dropout_rate, key), HIDDEN)
 
     def _final(self, h_BxLxD) -> jax.Array:
         return h_BxLxD if self.layer_norm is None else self.layer_norm(h_BxLxD)
@@ -424,6 +454,7 @@ class Bart(nnx.Module):
             cfg.d_model,
             param_dtype=param_dtype,
             embedding_init=_token_embedding_init(cfg.init_std, cfg.pad_token_id),
+            embedding_metadata=_axes("vocab", "embed"),
             rngs=rngs,
         )
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
@@ -434,7 +465,7 @@ class Bart(nnx.Module):
     def _embed_tokens(self, ids_BxL) -> jax.Array:
         """Scaled token embeddings. As torch's ``Embedding(padding_idx=pad)``, looking up the padding token
         sends no gradient to its row (the tied LM head still does)."""
-        emb_BxLxD = self.shared(ids_BxL)
+        emb_BxLxD = _lookup(self.shared, ids_BxL, VOCAB_TABLE)
         is_pad_BxLx1 = (ids_BxL == self.config.pad_token_id)[..., None]
         return jnp.where(is_pad_BxLx1, jax.lax.stop_gradient(emb_BxLxD), emb_BxLxD) * self.embed_scale
 
@@ -511,12 +542,13 @@ class Bart(nnx.Module):
         )
 
     def _lm_head(self, h_BxTxD) -> jax.Array:
-        """Tied output projection (``h @ shared.T``) plus ``final_logits_bias``, in float32."""
-        embedding_VxD = self.shared.embedding[...].astype(self.dtype)
+        """Tied output projection (``h @ shared.T``) plus ``final_logits_bias``, in float32. On a mesh the
+        projection's vocabulary rows stay split and its hidden dimension is gathered, as are the logits'."""
+        embedding_VxD = constrain(self.shared.embedding[...].astype(self.dtype), VOCAB_TABLE)
         logits_BxTxV = jnp.einsum(
             "btd,vd->btv", h_BxTxD.astype(self.dtype), embedding_VxD, preferred_element_type=jnp.float32
         )
-        return logits_BxTxV + self.final_logits_bias[...].astype(jnp.float32)[None, None, :]
+        return constrain(logits_BxTxV + self.final_logits_bias[...].astype(jnp.float32)[None, None, :], LOGITS)
 
     def __call__(
         self,
@@ -544,3 +576,15 @@ class Bart(nnx.Module):
 def count_params(model: nnx.Module) -> int:
     """Number of trainable (``nnx.Param``) scalars; the tied embedding counts once, buffers not at all."""
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def param_logical_axes(model: nnx.Module) -> dict:
+    """The logical axes every ``nnx.Param`` of ``model`` (also an abstract one, from ``nnx.eval_shape``)
+    declared when created, as a nested dict shaped like ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``
+    with tuples of names as leaves. A parameter that declared none is left out."""
+    declared = {
+        path: tuple(variable.get_metadata()["out_sharding"])
+        for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        if variable.get_metadata().get("out_sharding")
+    }
+    return nnx.traversals.unflatten_mapping(declared)

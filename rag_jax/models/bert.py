@@ -15,10 +15,15 @@ layer axis and run with ``jax.lax.scan``, so compile time does not grow with dep
 
 Kernels are stored [in, out] (transposed from torch's Linear). LayerNorm and softmax always run in
 float32; ``compute_dtype`` sets the dtype of the matmuls and of the hidden states between them.
+
+Each parameter's logical axes (``logical_axes``, for sharding) are declared where its shape and
+initialiser are (``_layout``); the hidden states between layers are constrained to the "batch",
+"length", "embed" layout when a mesh and axis rules are set (``rag_jax.models.partitioning``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -29,6 +34,7 @@ from rag_jax.models.activations import activation
 from rag_jax.models.attention import use_dot_product_attention
 from rag_jax.models.configs import BertConfig
 from rag_jax.models.dropout import dropout
+from rag_jax.models.partitioning import HIDDEN, POSITION_TABLE, VOCAB_TABLE, LogicalAxes, constrain
 from rag_jax.models.remat import rematerialised
 
 Params = dict[str, Any]
@@ -37,52 +43,95 @@ Params = dict[str, Any]
 # Parameters
 
 
-def _dense_init(key, n_in: int, n_out: int, dtype, layers: int | None = None) -> Params:
-    lead = () if layers is None else (layers,)
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """How ``init_params`` creates one parameter: its shape, the logical axes of its dimensions
+    (``rag_jax.models.partitioning``) and its initialiser: "normal" (normal(0.02), from the next
+    random key), "zeros" or "ones"."""
+
+    shape: tuple[int, ...]
+    axes: LogicalAxes
+    init: str
+
+
+def _stack(layers: int | None, shape: tuple[int, ...], axes: LogicalAxes, init: str) -> _Leaf:
+    """A ``_Leaf``, with a leading "layers" axis of ``layers`` (stacked, scanned layers) unless None."""
+    if layers is None:
+        return _Leaf(shape, axes, init)
+    return _Leaf((layers, *shape), ("layers", *axes), init)
+
+
+def _dense(n_in: int, n_out: int, kernel_axes: LogicalAxes, bias_axis: str, layers: int | None = None) -> dict:
+    """A linear layer: ``kernel [in, out]`` (normal) and ``bias [out]`` (zeros). Output biases of
+    layers whose output is the hidden size stay replicated (``bias_axis`` "norm")."""
     return {
-        "kernel": 0.02 * jax.random.normal(key, lead + (n_in, n_out), dtype),
-        "bias": jnp.zeros(lead + (n_out,), dtype),
+        "kernel": _stack(layers, (n_in, n_out), kernel_axes, "normal"),
+        "bias": _stack(layers, (n_out,), (bias_axis,), "zeros"),
     }
 
 
-def _norm_init(d: int, dtype, layers: int | None = None) -> Params:
-    lead = () if layers is None else (layers,)
-    return {"scale": jnp.ones(lead + (d,), dtype), "bias": jnp.zeros(lead + (d,), dtype)}
+def _norm(d: int, layers: int | None = None) -> dict:
+    """A LayerNorm: ``scale [D]`` (ones) and ``bias [D]`` (zeros), replicated."""
+    return {"scale": _stack(layers, (d,), ("norm",), "ones"), "bias": _stack(layers, (d,), ("norm",), "zeros")}
+
+
+def _layout(cfg: BertConfig, pooler: bool) -> dict:
+    """Every parameter as a ``_Leaf``, in the order ``init_params`` draws their random keys."""
+    d, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    layout = {
+        "embeddings": {
+            "word": _Leaf((cfg.vocab_size, d), ("vocab", "embed"), "normal"),
+            "position": _Leaf((cfg.max_position_embeddings, d), ("norm", "embed"), "normal"),
+            "token_type": _Leaf((cfg.type_vocab_size, d), ("norm", "embed"), "normal"),
+            "norm": _norm(d),
+        },
+        "layers": {
+            "query": _dense(d, d, ("embed", "heads"), "heads", n),
+            "key": _dense(d, d, ("embed", "heads"), "heads", n),
+            "value": _dense(d, d, ("embed", "heads"), "heads", n),
+            "attn_out": _dense(d, d, ("heads", "embed"), "norm", n),
+            "attn_norm": _norm(d, n),
+            "mlp_in": _dense(d, f, ("embed", "mlp"), "mlp", n),
+            "mlp_out": _dense(f, d, ("mlp", "embed"), "norm", n),
+            "mlp_norm": _norm(d, n),
+        },
+    }
+    if pooler:
+        layout["pooler"] = _dense(d, d, ("embed", "norm"), "norm")
+    if cfg.projection_dim > 0:
+        layout["projection"] = _dense(d, cfg.projection_dim, ("embed", "norm"), "norm")
+    return layout
+
+
+def _build(make, layout: dict) -> dict:
+    """``layout`` with ``make(leaf)`` for every ``_Leaf``, called in the layout's order."""
+    return {name: _build(make, sub) if isinstance(sub, dict) else make(sub) for name, sub in layout.items()}
 
 
 def init_params(cfg: BertConfig, key: jax.Array, dtype=jnp.float32, *, pooler: bool = False) -> Params:
     """Random parameters initialised like transformers (normal(0.02), zero biases, LN ones/zeros,
     zero padding embedding). ``pooler=True`` adds BertModel's (unused) tanh pooler."""
-    d, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    if d % cfg.num_attention_heads:
-        raise ValueError(f"hidden_size {d} is not a multiple of num_attention_heads {cfg.num_attention_heads}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(
+            f"hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads {cfg.num_attention_heads}"
+        )
     keys = iter(jax.random.split(key, 12))
-    word = 0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d), dtype)
+
+    def make(leaf: _Leaf) -> jax.Array:
+        if leaf.init == "normal":
+            return 0.02 * jax.random.normal(next(keys), leaf.shape, dtype)
+        return (jnp.zeros if leaf.init == "zeros" else jnp.ones)(leaf.shape, dtype)
+
+    params = _build(make, _layout(cfg, pooler))
     if 0 <= cfg.pad_token_id < cfg.vocab_size:
-        word = word.at[cfg.pad_token_id].set(0)
-    params: Params = {
-        "embeddings": {
-            "word": word,
-            "position": 0.02 * jax.random.normal(next(keys), (cfg.max_position_embeddings, d), dtype),
-            "token_type": 0.02 * jax.random.normal(next(keys), (cfg.type_vocab_size, d), dtype),
-            "norm": _norm_init(d, dtype),
-        },
-        "layers": {
-            "query": _dense_init(next(keys), d, d, dtype, n),
-            "key": _dense_init(next(keys), d, d, dtype, n),
-            "value": _dense_init(next(keys), d, d, dtype, n),
-            "attn_out": _dense_init(next(keys), d, d, dtype, n),
-            "attn_norm": _norm_init(d, dtype, n),
-            "mlp_in": _dense_init(next(keys), d, f, dtype, n),
-            "mlp_out": _dense_init(next(keys), f, d, dtype, n),
-            "mlp_norm": _norm_init(d, dtype, n),
-        },
-    }
-    if pooler:
-        params["pooler"] = _dense_init(next(keys), d, d, dtype)
-    if cfg.projection_dim > 0:
-        params["projection"] = _dense_init(next(keys), d, cfg.projection_dim, dtype)
+        params["embeddings"]["word"] = params["embeddings"]["word"].at[cfg.pad_token_id].set(0)
     return params
+
+
+def logical_axes(cfg: BertConfig, *, pooler: bool = False) -> dict:
+    """The logical axes of every parameter ``init_params(cfg, pooler=pooler)`` creates, in its structure
+    (tuples of names, see ``rag_jax.models.partitioning``). Stacked layers lead with "layers"."""
+    return _build(lambda leaf: leaf.axes, _layout(cfg, pooler))
 
 
 def count_params(params: Params) -> int:
@@ -144,7 +193,8 @@ def _layer(x_BxSxD, p: Params, key, keep_Bx1x1xS, cfg: BertConfig, dtype) -> jax
     x_BxSxD = layer_norm(attn_BxSxD.astype(jnp.float32) + x_BxSxD, p["attn_norm"], cfg.layer_norm_eps).astype(dtype)
     mid_BxSxF = activation(cfg.hidden_act)(dense(x_BxSxD, p["mlp_in"], dtype))
     out_BxSxD = dropout(dense(mid_BxSxF, p["mlp_out"], dtype), cfg.hidden_dropout_prob, k_mlp_out)
-    return layer_norm(out_BxSxD.astype(jnp.float32) + x_BxSxD, p["mlp_norm"], cfg.layer_norm_eps).astype(dtype)
+    x_BxSxD = layer_norm(out_BxSxD.astype(jnp.float32) + x_BxSxD, p["mlp_norm"], cfg.layer_norm_eps).astype(dtype)
+    return constrain(x_BxSxD, HIDDEN)
 
 
 def embed(params: Params, input_ids_BxS, token_type_ids_BxS, *, cfg: BertConfig, dtype, key=None) -> jax.Array:
@@ -153,11 +203,15 @@ def embed(params: Params, input_ids_BxS, token_type_ids_BxS, *, cfg: BertConfig,
     if s > cfg.max_position_embeddings:
         raise ValueError(f"sequence length {s} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     e = params["embeddings"]
-    x_BxSxD = jnp.take(e["word"], input_ids_BxS, axis=0).astype(jnp.float32)
-    x_BxSxD = x_BxSxD + jnp.take(e["token_type"], token_type_ids_BxS, axis=0).astype(jnp.float32)
-    x_BxSxD = x_BxSxD + e["position"][None, :s].astype(jnp.float32)
+    word_VxD, token_type_TxD, position_PxD = (
+        constrain(e["word"], VOCAB_TABLE), constrain(e["token_type"], POSITION_TABLE),
+        constrain(e["position"], POSITION_TABLE),
+    )  # fmt: skip
+    x_BxSxD = jnp.take(word_VxD, input_ids_BxS, axis=0).astype(jnp.float32)
+    x_BxSxD = x_BxSxD + jnp.take(token_type_TxD, token_type_ids_BxS, axis=0).astype(jnp.float32)
+    x_BxSxD = x_BxSxD + position_PxD[None, :s].astype(jnp.float32)
     x_BxSxD = layer_norm(x_BxSxD, e["norm"], cfg.layer_norm_eps).astype(dtype)
-    return dropout(x_BxSxD, cfg.hidden_dropout_prob, key)
+    return constrain(dropout(x_BxSxD, cfg.hidden_dropout_prob, key), HIDDEN)
 
 
 def encode(

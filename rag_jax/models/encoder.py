@@ -23,6 +23,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from rag_jax.models import bert
 from rag_jax.models.bert import Params, dense, encode
 from rag_jax.models.configs import BertConfig
 
@@ -113,6 +114,10 @@ class Encoder:
     @property
     def dim(self) -> int:
         return self.config.output_dim
+
+    def logical_axes(self) -> dict:
+        """The logical axes of every parameter, in the structure of ``params`` (``bert.logical_axes``)."""
+        return bert.logical_axes(self.config, pooler="pooler" in self.params)
 
     def encode(self, input_ids, attention_mask, token_type_ids=None) -> jax.Array:
         """Vectors [B, dim] (float32), deterministic (no dropout), jitted."""

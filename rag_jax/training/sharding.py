@@ -2,17 +2,24 @@
 
 The mesh has three axes: ``data`` (pure data parallelism: parameters replicated), ``fsdp`` (data
 parallel over the batch too, but parameters and optimizer state sharded: ZeRO-3 style) and
-``model`` (tensor parallelism; size 1 by default, room to grow). Every parameter gets logical
-axis names from its path (``PARAM_LOGICAL_AXES``); ``LOGICAL_AXIS_RULES`` maps logical names to
-mesh axes. A mesh axis that does not divide a dimension is dropped for that dimension (the tiny
-test models have dimensions like 37), so any model runs on any mesh.
+``model`` (tensor parallelism: attention heads, feed-forward units and the vocabulary split over it;
+size 1 by default). The models declare the logical axes of every parameter where they create it
+(``rag_jax.models.bert.logical_axes``, ``rag_jax.models.bart.param_logical_axes``) and name the
+logical axes of their large activations; ``LOGICAL_AXIS_RULES`` maps logical names to mesh axes, for
+the parameters (``param_shardings``) and, within ``use_mesh``, for the activations. A mesh axis that
+does not divide a dimension is dropped for that dimension (the tiny test models have dimensions like
+37), so any model runs on any mesh; for a dimension of ``WARN_MIN_DIM`` or more (a real model) a
+parameter's dropped axis is logged once, as a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
-import re
-from typing import Any, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,10 +27,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rag_jax.config import MeshConfig
+from rag_jax.models.partitioning import DroppedAxis, axis_rules, is_logical_axes, logical_spec
+
+logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "model")
 
-# logical axis -> mesh axes (None: replicated). The single source of truth for the layout.
+# logical axis -> mesh axes (None: replicated). The single source of truth for the layout. "norm" names
+# the small dimensions kept whole: norm parameters, the biases added to the hidden states, position
+# embeddings' rows; "layers" the stacked layers' axis, never split (the scan over layers slices it).
 LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "docs": None,
@@ -36,23 +48,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
 }
 
-# Parameter path (the "/"-joined pytree keys) -> logical axes of its dimensions, first match wins;
-# anything unmatched (norm scales and biases, output biases, the learned score scale: a scalar) is
-# replicated. Examples:
-# "generator/encoder/layers/self_attn/q_proj/kernel", "query_encoder/layers/query/kernel" (stacked BART
-# and BERT layers: one more leading dim, named "layers", which is never sharded: the scan over layers
-# slices it).
-PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"embeddings/word$|shared/embedding$", ("vocab", "embed")),
-    (r"embeddings/(position|token_type)$|embed_positions/embedding$", ("norm", "embed")),
-    (r"(query|key|value|q_proj|k_proj|v_proj)/kernel$", ("embed", "heads")),
-    (r"(query|key|value|q_proj|k_proj|v_proj)/bias$", ("heads",)),
-    (r"(attn_out|out_proj)/kernel$", ("heads", "embed")),
-    (r"(mlp_in|fc1)/kernel$", ("embed", "mlp")),
-    (r"(mlp_in|fc1)/bias$", ("mlp",)),
-    (r"(mlp_out|fc2)/kernel$", ("mlp", "embed")),
-    (r"(projection|pooler)/kernel$", ("embed", "norm")),
-)
+WARN_MIN_DIM = 512  # a parameter dimension this large left unsplit by a mesh axis is worth a warning
 
 
 def path_str(path) -> str:
@@ -102,43 +98,46 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def logical_axes_of(path: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of a parameter (or of its optimizer moments, whose paths end the same way).
-    A leading extra dim (stacked, scanned layers) is named "layers"."""
-    path = re.sub(r"/(value|raw_value)$", "", path)
-    axes = next((axes for pattern, axes in PARAM_LOGICAL_AXES if re.search(pattern, path)), ())
-    if ndim == len(axes) + 1:
-        return ("layers",) + axes
-    return axes if ndim == len(axes) else (None,) * ndim
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh) -> Iterator[None]:
+    """Within this block, also inside a traced function, the models' activation constraints apply:
+    ``mesh`` is the current (abstract) mesh and ``LOGICAL_AXIS_RULES`` the logical-axis rules
+    (``rag_jax.models.partitioning.constrain``)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), axis_rules(LOGICAL_AXIS_RULES):
+        yield
 
 
-def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-    """PartitionSpec from logical axes, dropping mesh axes that do not divide the dim or that an
-    earlier dim already uses."""
-    used: set[str] = set()
-    entries = []
-    for name, dim in zip(logical, shape):
-        rule = LOGICAL_AXIS_RULES.get(name) if name else None
-        axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
-        kept = []
-        size = 1
-        for axis in axes:
-            n = mesh.shape[axis]
-            if axis in used or n == 1 or dim % (size * n):
-                continue
-            kept.append(axis)
-            size *= n
-        used.update(kept)
-        entries.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return P(*entries)
+@functools.cache
+def _warn_dropped(name: str, dropped: DroppedAxis) -> None:
+    logger.warning(
+        "%s: dimension %d (%s, size %d) is not divisible by mesh axis %r (size %d), so it is not split over it",
+        name, dropped.dim, dropped.logical, dropped.size, dropped.mesh_axis, dropped.mesh_axis_size,
+    )  # fmt: skip
 
 
-def param_shardings(params: Any, mesh: Mesh) -> Any:
-    """NamedSharding for every leaf of a parameter (or optimizer-state) pytree."""
+def param_shardings(params: Any, logical_axes: Any, mesh: Mesh) -> Any:
+    """The ``NamedSharding`` of every leaf of ``params`` from its declared logical axes.
+
+    ``logical_axes`` is a pytree of tuples of logical names (``rag_jax.models.partitioning``) with a
+    leaf for every parameter path (``"generator/shared/embedding"``); ``params`` may be any tree whose
+    leaves have parameter paths, e.g. optimizer moments (None for a frozen parameter stays None). A
+    leaf with no declared axes, or with a number of axes other than its number of dimensions, is an error.
+    """
+    declared = {path_str(path): axes for path, axes in jax.tree_util.tree_flatten_with_path(
+        logical_axes, is_leaf=is_logical_axes)[0]}  # fmt: skip
 
     def one(path, leaf):
+        name = path_str(path)
+        if name not in declared:
+            raise ValueError(f"parameter {name!r} has no declared logical axes (declared: {sorted(declared)})")
         shape = np.shape(leaf)
-        return NamedSharding(mesh, spec_for(logical_axes_of(path_str(path), len(shape)), shape, mesh))
+        if len(declared[name]) != len(shape):
+            raise ValueError(f"parameter {name!r} of shape {shape} declares logical axes {declared[name]}")
+        spec, dropped = logical_spec(declared[name], shape, LOGICAL_AXIS_RULES, mesh.shape)
+        for d in dropped:
+            if d.size >= WARN_MIN_DIM:
+                _warn_dropped(name, d)
+        return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, params)
 

@@ -34,11 +34,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rag_jax.config import TrainConfig
-from rag_jax.models.bart import Bart
+from rag_jax.models.bart import Bart, param_logical_axes
 from rag_jax.rag.batches import Batch
 from rag_jax.rag.model import RagModel, per_example_loss, question_vectors
 from rag_jax.training import sharding
-from rag_jax.training.optim import global_norm, make_optimizer
+from rag_jax.training.optim import AdamWState, global_norm, make_optimizer
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.train.compute_dtype -> dtype
 
@@ -101,8 +101,12 @@ class Trainer:
             "query_encoder": model.question_encoder.params,
             "generator": nnx.to_pure_dict(gen_params),
         }
+        # the logical axes of every trainable parameter, declared by the models (the scale is a scalar)
+        self.logical_axes = {"query_encoder": model.question_encoder.logical_axes(),
+                             "generator": param_logical_axes(abstract)}  # fmt: skip
         if cfg.learn_score_scale:  # learned in log space: the scale stays positive
             self._initial_params["score_scale"] = np.log(np.float32(model.score_scale))
+            self.logical_axes["score_scale"] = ()
         # non-trainable buffers (final_logits_bias) are constants of the step, on the host until it runs:
         # a trainer over compile-only devices (ahead-of-time planning) holds no device arrays
         self.buffers = jax.tree.map(np.asarray, nnx.to_pure_dict(buffers))
@@ -112,11 +116,18 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
 
     def state_shardings(self, state: TrainState) -> TrainState:
+        """The layout of ``state`` on the mesh: parameters and their AdamW moments by the parameters'
+        logical axes, the rest replicated."""
         replicated = NamedSharding(self.mesh, P())
+        opt_state = state.opt_state
         return TrainState(
             step=replicated,
-            params=sharding.param_shardings(state.params, self.mesh),
-            opt_state=sharding.param_shardings(state.opt_state, self.mesh),
+            params=sharding.param_shardings(state.params, self.logical_axes, self.mesh),
+            opt_state=AdamWState(
+                count=replicated,
+                mu=sharding.param_shardings(opt_state.mu, self.logical_axes, self.mesh),
+                nu=sharding.param_shardings(opt_state.nu, self.logical_axes, self.mesh),
+            ),
             rng=replicated,
         )
 
@@ -205,6 +216,12 @@ class Trainer:
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
         return new_state, metrics
 
+    def _train_step_on_mesh(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        """``_train_step`` with the mesh and the logical-axis rules current, so the models' activation
+        constraints apply wherever the jitted step is traced."""
+        with sharding.use_mesh(self.mesh):
+            return self._train_step(state, batch)
+
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         """One optimizer step (jitted once per batch type; ``state`` and ``batch`` are donated: do not reuse them)."""
         batch_size = jax.tree.leaves(batch)[0].shape[0]
@@ -222,7 +239,7 @@ class Trainer:
         if type(batch) not in self._steps:
             state_shardings = self.state_shardings(state)
             self._steps[type(batch)] = jax.jit(
-                self._train_step,
+                self._train_step_on_mesh,
                 in_shardings=(state_shardings, sharding.batch_shardings(batch, self.mesh)),
                 out_shardings=(state_shardings, NamedSharding(self.mesh, P())),
                 donate_argnums=(0, 1),
