@@ -62,6 +62,8 @@ import sys
 import tempfile
 import time
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: no accelerator probes (libtpu in the dev set-up)
+
 import jax
 import numpy as np
 import torch

@@ -50,6 +50,8 @@ import tempfile
 import time
 import warnings
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: no accelerator probes (libtpu in the dev set-up)
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +63,7 @@ from rag_jax.commands import host_memory
 from rag_jax.config import reference_recipe, resolve, with_changes
 from rag_jax.hf.rag import load_rag
 from rag_jax.rag.batches import DenseRagBatch
+from rag_jax.training.optim import global_norm
 from rag_jax.training.step import Trainer
 
 # Both sides get the same threads: torch.set_num_threads(--threads); XLA:CPU uses every core (its
@@ -499,15 +502,18 @@ def time_parts(model, tb, trainer: Trainer, state, batch, steps: int, args) -> d
 
 
 def time_update(torch_step: TorchStep, trainer: Trainer, state, steps: int, args) -> dict:
-    """The update phase alone on random gradients: rag_jax's jitted ``Trainer.update`` (global-norm
-    clip + fused AdamW) with parameters and optimizer state donated (``state`` is consumed), against
+    """The update phase alone on random gradients: rag_jax's jitted update as the step runs it (global
+    norm, non-finite guard, clip factor + fused AdamW: ``trainer.tx.step``) with parameters and optimizer state donated (``state`` is consumed), against
     the reference's ``clip_grad_norm_`` + ``AdamW(fused=True).step()`` and its AdamW step alone; with
     the number of parameters (for the memory-traffic bound) and the update's XLA temp buffer."""
     for p in torch_step.model.parameters():
         p.grad = 1e-3 * torch.randn_like(p)
     key = jax.random.key(2)
     grads = jax.tree.map(lambda p: 1e-3 * jax.random.normal(key, p.shape, p.dtype), state.params)
-    compiled = jax.jit(trainer.update, donate_argnums=(0, 1)).lower(state.params, state.opt_state, grads).compile()
+    def update(params, opt_state, grads):  # the step's update: global norm, non-finite guard, fused AdamW
+        return trainer.tx.step(params, opt_state, grads, ~jnp.isfinite(global_norm(grads)))
+
+    compiled = jax.jit(update, donate_argnums=(0, 1)).lower(state.params, state.opt_state, grads).compile()
     jax_state = [state.params, state.opt_state]
 
     def jax_update():

@@ -189,13 +189,27 @@ def _is_adam_state(node) -> bool:
     return isinstance(node, AdamWState)
 
 
+def _two_steps(trainer: Trainer, state, batch):
+    """Two steps (the warmup's first learning rate is 0): the state and the second step's metrics."""
+    for _ in range(2):
+        state, metrics = trainer.train_step(state, batch)
+    return state, metrics
+
+
+def _assert_same_steps(reference, sharded) -> None:
+    """``(state, metrics)`` of a sharded trainer equal a single device's (to summation-order rounding)."""
+    (state1, metrics1), (state8, metrics8) = reference, sharded
+    assert float(metrics8["loss"]) == pytest.approx(float(metrics1["loss"]), rel=1e-5)
+    assert float(metrics8["grad_norm"]) == pytest.approx(float(metrics1["grad_norm"]), rel=1e-5)
+    for a, b in zip(_leaves(state1.params), _leaves(state8.params)):
+        np.testing.assert_allclose(a, b, atol=ADAM_ATOL)
+
+
 def test_sharded_step_equals_single_device_step():
     assert jax.device_count() == 8
     batch = _batch(seed=3)
     single = _trainer(_cfg(), dropout=0.1)
-    state1 = single.init_state()
-    for _ in range(2):  # the warmup's first learning rate is 0
-        state1, metrics1 = single.train_step(state1, batch)
+    reference = _two_steps(single, single.init_state(), batch)
 
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, model=1))
     sharded = Trainer(_model(dropout=0.1), _cfg(), mesh=mesh)
@@ -213,12 +227,7 @@ def test_sharded_step_equals_single_device_step():
         fc1_mu = adam.mu["generator"]["encoder"]["layers"]["fc1"]["kernel"]
         assert fc1_mu.sharding.spec == P(None, "fsdp", None)
 
-    for _ in range(2):
-        state8, metrics8 = sharded.train_step(state8, batch)
-    assert float(metrics8["loss"]) == pytest.approx(float(metrics1["loss"]), rel=1e-5)
-    assert float(metrics8["grad_norm"]) == pytest.approx(float(metrics1["grad_norm"]), rel=1e-5)
-    for a, b in zip(_leaves(state1.params), _leaves(state8.params)):
-        np.testing.assert_allclose(a, b, atol=ADAM_ATOL)
+    _assert_same_steps(reference, _two_steps(sharded, state8, batch))
 
 
 def test_tensor_parallel_step_equals_single_device_step():
@@ -227,9 +236,7 @@ def test_tensor_parallel_step_equals_single_device_step():
     step computes what one device computes."""
     batch = _batch(seed=4)
     single = _trainer(_cfg(), dropout=0.1)
-    state1 = single.init_state()
-    for _ in range(2):  # the warmup's first learning rate is 0
-        state1, metrics1 = single.train_step(state1, batch)
+    reference = _two_steps(single, single.init_state(), batch)
 
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, model=2))
     sharded = Trainer(_model(dropout=0.1), _cfg(), mesh=mesh)
@@ -244,12 +251,7 @@ def test_tensor_parallel_step_equals_single_device_step():
     # the per-document logits [K, B, T, V]: documents free, batch over data x fsdp, vocabulary over model
     assert 'sharding_constraint %' in program and '[{?}, {"data", "fsdp"}, {}, {"model"}]' in program
 
-    for _ in range(2):
-        state8, metrics8 = sharded.train_step(state8, batch)
-    assert float(metrics8["loss"]) == pytest.approx(float(metrics1["loss"]), rel=1e-5)
-    assert float(metrics8["grad_norm"]) == pytest.approx(float(metrics1["grad_norm"]), rel=1e-5)
-    for a, b in zip(_leaves(state1.params), _leaves(state8.params)):
-        np.testing.assert_allclose(a, b, atol=ADAM_ATOL)
+    _assert_same_steps(reference, _two_steps(sharded, state8, batch))
 
 
 @pytest.mark.parametrize("variant", ["token", "sequence", "closed_book"])
