@@ -6,8 +6,8 @@ interrupted run resumes where it stopped.
     python experiments/plan_table.py --dir experiments/results/plan --gpu-python /path/to/venv/bin/python
 
 Rows: the paper's training steps (nq-token k = 5, nq-sequence k = 10, batch 128, bfloat16, FSDP over
-all devices, remat), test-time decoding (RAG-Sequence thorough k = 50, RAG-Token beam 4 k = 15, 32
-questions, 25 tokens), and ExactIndex search over 21,015,300 x 768 bfloat16 passages (1024 queries).
+all devices, remat), test-time decoding (RAG-Sequence thorough k = 50 over 8 questions, RAG-Token beam 4
+k = 15 over 32 questions, 25 tokens), and ExactIndex search over 21,015,300 x 768 bfloat16 passages (1024 queries).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ CONFIG = "experiments/configs/paper.py"
 ROWS = (  # label, config arg, program, overrides
     ("nq-token train step (k=5)", "nq-token", "train_step", ()),
     ("nq-sequence train step (k=10)", "nq-sequence", "train_step", ()),
-    ("RAG-Sequence thorough decode (k=50)", "nq-sequence", "decode_sequence", ("eval.k=50",)),
+    ("RAG-Sequence thorough decode (k=50, 8 questions)", "nq-sequence", "decode_sequence", ("eval.k=50", "eval.batch_size=8")),
     ("RAG-Token beam 4 decode (k=15)", "nq-token", "decode_token", ("eval.k=15", "eval.num_beams=4")),
     ("ExactIndex 21M x 768 bf16 (1024 queries)", "nq-token", "exact_search", ()),
 )

@@ -10,8 +10,9 @@ estimate of its time.
   the compiled HLO, with its result bytes, times the trips of the loops around it (a loop's trip count
   is the integer bound in its condition; decoding loops that stop early run fewer).
 * Estimate: ``max(FLOPs / peak FLOP/s, HBM bytes / HBM bandwidth)`` per device, the HBM bytes being
-  XLA's ``bytes accessed``, which counts a loop body once (a lower bound on the traffic, as the
-  time estimate is a lower bound); the collectives' time is their bytes over the chip's one-way interconnect bandwidth
+  the larger of XLA's ``bytes accessed``, which counts a loop body once, and the weights a decoding
+  loop reads at every token times its bound (both lower bounds on the traffic, as the time estimate is
+  a lower bound); the collectives' time is their bytes over the chip's one-way interconnect bandwidth
   (an all-reduce moves its bytes twice), reported beside it, not added (XLA overlaps them with compute
   where it can). MFU = model FLOPs / (devices x peak x estimated time): an upper bound, as the estimate
   is a lower bound on time.
@@ -87,13 +88,14 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
-def _trip_count(condition: list[str]) -> int:
-    """A loop's trip count from its condition: the largest s32 constant it compares with (1 if none)."""
+def _trip_count(condition: list[str], default: int) -> int:
+    """A loop's trip count from its condition: the largest s32 constant it compares with, else
+    ``default`` (the program's bound: a decoding loop stops on a computed condition)."""
     bounds = [int(n) for line in condition for n in re.findall(r"s32\[\] constant\((\d+)\)", line)]
-    return max(bounds, default=1)
+    return max(bounds, default=default)
 
 
-def _collective_ops(hlo: str):
+def _collective_ops(hlo: str, default_trips: int = 1):
     """``(kind, runs per call, result bytes, op_name)`` of every collective instruction of the module,
     each computation's runs being the product of the trips of the loops around it."""
     comps, entry = _computations(hlo)
@@ -109,7 +111,7 @@ def _collective_ops(hlo: str):
             trips = 1
             if " while(" in line:
                 cond = re.search(r"condition=%?([\w.\-]+)", line)
-                trips = _trip_count(comps.get(cond.group(1), [])) if cond else 1
+                trips = _trip_count(comps.get(cond.group(1), []), default_trips) if cond else default_trips
             for callee in callees:
                 visit(callee, times * trips, depth + 1)
 
@@ -124,54 +126,77 @@ def _collective_ops(hlo: str):
                 yield m.group(2).removesuffix("-start"), times, nbytes, source.group(1) if source else ""
 
 
-def collectives(hlo: str) -> dict[str, dict[str, float]]:
+def collectives(hlo: str, default_trips: int = 1) -> dict[str, dict[str, float]]:
     """Count and result bytes of each collective kind per device, every computation weighted by how
     many times it runs (nested loop trips multiplied)."""
     totals: dict[str, dict[str, float]] = {}
-    for kind, times, nbytes, _ in _collective_ops(hlo):
+    for kind, times, nbytes, _ in _collective_ops(hlo, default_trips):
         entry = totals.setdefault(kind, {"count": 0, "bytes": 0})
         entry["count"] += times
         entry["bytes"] += times * nbytes
     return totals
 
 
-def largest_collectives(hlo: str, n: int = 8) -> list[dict]:
+def largest_collectives(hlo: str, default_trips: int = 1, n: int = 8) -> list[dict]:
     """The ``n`` collectives moving the most bytes per call (loop trips included), with the jax
     operation they come from (HLO metadata ``op_name``): where to look when communication dominates."""
-    ops = sorted(_collective_ops(hlo), key=lambda op: -op[1] * op[2])[:n]
+    ops = sorted(_collective_ops(hlo, default_trips), key=lambda op: -op[1] * op[2])[:n]
     return [{"kind": kind, "count": times, "bytes": times * nbytes, "op_name": source} for kind, times, nbytes, source in ops]
+
+
+_OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED.*?required for [\w ]+\(([\d.]+)([KMGT])\)", re.S)
+
+
+def _compile(program: Program):
+    """``(traced, compiled)``; ``compiled`` is the compiler's out-of-memory error's required bytes (an
+    int) where it refuses a program that cannot fit (TPU's compiler does, before any memory analysis)."""
+    with warnings.catch_warnings():  # abstract arguments: nothing to donate yet
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        traced = program.function.trace(*program.args)
+        try:
+            return traced, traced.lower().compile()
+        except Exception as e:  # jax.errors.JaxRuntimeError
+            m = _OUT_OF_MEMORY.search(str(e))
+            if not m:
+                raise
+            return traced, int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
 
 
 def analyse(program: Program, target: Target, hlo_dir: str | None = None) -> ProgramPlan:
     """Trace, lower and compile ``program`` for ``target`` and measure it (module docstring); with
-    ``hlo_dir``, the compiled HLO is written there as ``<program>.hlo.txt``."""
+    ``hlo_dir``, the compiled HLO is written there as ``<program>.hlo.txt``. A program the compiler
+    refuses for lack of device memory is reported as not fitting, with the temporaries it asked for."""
     start = time.perf_counter()
-    with warnings.catch_warnings():  # abstract arguments: nothing to donate yet
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        traced = program.function.trace(*program.args)
-        compiled = traced.lower().compile()
+    traced, compiled = _compile(program)
     compile_s = time.perf_counter() - start
-    n = target.num_devices
+    n, chip = target.num_devices, target.chip
+    flops_per_device = traced_matmul_flops(traced.jaxpr, program.while_trips) / n
+    if isinstance(compiled, int):
+        return ProgramPlan(
+            name=program.name, fits=False, device_kind=target.device_kind, num_devices=n, bytes_per_device=compiled,
+            device_memory_bytes=chip.memory_bytes, memory={"temp": compiled}, hlo_flops_per_device=flops_per_device,
+            xla_cost_flops_per_device=None, model_flops=program.model_flops, collectives={}, largest_collectives=[],
+            est_compute_s=None, est_memory_s=None, est_collective_s=None, est_step_s=None, est_mfu=None,
+            compile_s=compile_s, settings=program.settings,
+        )  # fmt: skip
     mem = compiled.memory_analysis()
     memory = {kind: int(getattr(mem, f"{kind}_size_in_bytes", 0) or 0)
               for kind in ("argument", "output", "alias", "temp", "generated_code")}  # fmt: skip
     peak = memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
-    flops_per_device = traced_matmul_flops(traced.jaxpr, program.while_trips) / n
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
-    xla_flops = cost.get("flops")
     hlo = compiled.as_text()
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)
         with open(os.path.join(hlo_dir, f"{program.name}.hlo.txt"), "w", encoding="utf-8") as f:
             f.write(hlo)
-    comms = collectives(hlo)
-    chip = target.chip
+    comms = collectives(hlo, program.while_trips)
     est_compute = est_memory = est_comm = est = mfu = None
     if chip.peak_flops:
         est_compute = flops_per_device / chip.peak_flops
-        if cost.get("bytes accessed"):
-            est_memory = cost["bytes accessed"] / chip.hbm_bytes_per_s
+        # HBM traffic: XLA's count (loop bodies once) or the weights every loop trip reads, the larger
+        streamed = max(cost.get("bytes accessed") or 0.0, program.while_trips * program.bytes_per_trip)
+        est_memory = streamed / chip.hbm_bytes_per_s if streamed else None
         est = max(est_compute, est_memory or 0.0)
         moved = sum(v["bytes"] * (2 if k == "all-reduce" else 1) for k, v in comms.items())
         est_comm = moved / chip.interconnect_bytes_per_s if n > 1 else 0.0
@@ -179,7 +204,8 @@ def analyse(program: Program, target: Target, hlo_dir: str | None = None) -> Pro
     return ProgramPlan(
         name=program.name, fits=peak <= chip.memory_bytes, device_kind=target.device_kind, num_devices=n,
         bytes_per_device=peak, device_memory_bytes=chip.memory_bytes, memory=memory,
-        hlo_flops_per_device=flops_per_device, xla_cost_flops_per_device=xla_flops, model_flops=program.model_flops,
-        collectives=comms, largest_collectives=largest_collectives(hlo), est_compute_s=est_compute, est_memory_s=est_memory, est_collective_s=est_comm,
-        est_step_s=est, est_mfu=mfu, compile_s=compile_s, settings=program.settings,
+        hlo_flops_per_device=flops_per_device, xla_cost_flops_per_device=cost.get("flops"),
+        model_flops=program.model_flops, collectives=comms, largest_collectives=largest_collectives(hlo, program.while_trips),
+        est_compute_s=est_compute, est_memory_s=est_memory, est_collective_s=est_comm, est_step_s=est, est_mfu=mfu,
+        compile_s=compile_s, settings=program.settings,
     )  # fmt: skip

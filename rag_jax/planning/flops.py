@@ -40,14 +40,17 @@ def bart_encoder_forward(cfg: BartConfig, sequences: int, length: int) -> float:
     return cfg.encoder_layers * _layer(cfg.d_model, cfg.encoder_ffn_dim, sequences * length, length)
 
 
-def bart_decoder_forward(cfg: BartConfig, sequences: int, target: int, source: int, attended: float | None = None) -> float:
-    """Decoder matmuls for ``sequences`` x ``target`` tokens over ``source`` encoder tokens (cross
-    keys/values projected once per sequence), with the LM head; ``attended`` is the mean number of
-    self-attention keys per token (``target`` in training; the growing cache when decoding)."""
+def bart_decoder_forward(cfg: BartConfig, sequences: int, target: int, source: int, attended: float | None = None,
+                         encoder_rows: int | None = None) -> float:
+    """Decoder matmuls for ``sequences`` x ``target`` tokens over ``source`` encoder tokens, with the LM
+    head; cross keys/values are projected once per encoder row (``encoder_rows``, default one per
+    sequence; beams share their row's); ``attended`` is the mean number of self-attention keys per
+    token (``target`` in training; the growing cache when decoding)."""
     d, tokens = cfg.d_model, sequences * target
     attended = target if attended is None else attended
+    encoder_rows = sequences if encoder_rows is None else encoder_rows
     self_attn = 2 * tokens * 4 * d * d + 4 * tokens * attended * d
-    cross = 2 * tokens * 2 * d * d + 2 * sequences * source * 2 * d * d + 4 * tokens * source * d
+    cross = 2 * tokens * 2 * d * d + 2 * encoder_rows * source * 2 * d * d + 4 * tokens * source * d
     ffn = 2 * tokens * 2 * d * cfg.decoder_ffn_dim
     return cfg.decoder_layers * (self_attn + cross + ffn) + 2 * tokens * d * cfg.vocab_size
 
@@ -69,9 +72,9 @@ def rag_decode(bart: BartConfig, *, batch: int, k: int, source: int, length: int
     documents (one teacher-forced decoder pass each)."""
     rows = batch * k
     flops = bart_encoder_forward(bart, rows, source)
-    flops += bart_decoder_forward(bart, rows * beams, length, source, attended=(length + 1) / 2)
-    if rescore:
-        flops += bart_decoder_forward(bart, rows * k * beams, length, source)
+    flops += bart_decoder_forward(bart, rows * beams, length, source, attended=(length + 1) / 2, encoder_rows=rows)
+    if rescore:  # every candidate against every document: the documents' cross keys/values are reused
+        flops += bart_decoder_forward(bart, rows * k * beams, length, source, encoder_rows=0)
     return flops
 
 

@@ -46,13 +46,15 @@ PAPER_CORPUS_SIZE = 21_015_300  # DPR's Wikipedia passages (psgs_w100.tsv)
 @dataclasses.dataclass
 class Program:
     """A jitted function, its abstract arguments, its analytic model FLOPs (whole program, all
-    devices), and the bound on ``while`` loop trips used when counting its traced FLOPs."""
+    devices), the bound on ``while`` loop trips used when counting its traced FLOPs and collectives,
+    and the bytes of weights each device reads at every trip (decoding: the decoder and the LM head)."""
 
     name: str
     function: Callable
     args: tuple
     model_flops: float
     while_trips: int = 1
+    bytes_per_trip: int = 0
     settings: dict = dataclasses.field(default_factory=dict)
 
 
@@ -139,8 +141,10 @@ def decode(config: ml_collections.ConfigDict, target: Target, model: RagModel, v
         function = jax.jit(function)
     model_flops = flops.rag_decode(model.generator.config, batch=b, k=k, source=s, length=options.max_length,
                                    beams=options.num_beams, rescore=variant == "sequence")  # fmt: skip
+    per_token = nnx.state(model.generator.model.decoder), nnx.state(model.generator.model.shared)
+    weight_bytes = sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(per_token))
     return Program(f"decode_{variant}", function, (state, ids, ids, scores), model_flops,
-                   while_trips=options.max_length,
+                   while_trips=options.max_length, bytes_per_trip=int(weight_bytes),
                    settings=dict(batch=b, k=k, num_beams=options.num_beams, max_length=options.max_length))  # fmt: skip
 
 

@@ -128,6 +128,10 @@ def _gpu_devices(name: str, count: int) -> list:
     """Compile-only GPUs of one node from the CUDA plugin and the chip's shipped ``GpuTargetConfig``
     (``rag_jax/planning/gpu_targets/<name>.txtpb``)."""
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    if "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
+        # without a GPU, XLA cannot autotune Triton GEMM tiles and fails on some shapes ("Couldn't find
+        # output tile sizes"); cuBLAS GEMMs need no autotuning. Read when the plugin starts, i.e. below.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
     from jax.experimental import topologies
 
     proto = resources.files(__package__).joinpath("gpu_targets", f"{name}.txtpb").read_text()
