@@ -174,7 +174,8 @@ def analyse(program: Program, target: Target, hlo_dir: str | None = None) -> Pro
     if isinstance(compiled, int):
         return ProgramPlan(
             name=program.name, fits=False, device_kind=target.device_kind, num_devices=n, bytes_per_device=compiled,
-            device_memory_bytes=chip.memory_bytes, memory={"temp": compiled}, hlo_flops_per_device=flops_per_device,
+            device_memory_bytes=chip.memory_bytes, memory={"temp": compiled},  # all the compiler says
+            hlo_flops_per_device=flops_per_device,
             xla_cost_flops_per_device=None, model_flops=program.model_flops, collectives={}, largest_collectives=[],
             est_compute_s=None, est_memory_s=None, est_collective_s=None, est_step_s=None, est_mfu=None,
             compile_s=compile_s, settings=program.settings,

@@ -41,15 +41,14 @@ def table(plans: list[ProgramPlan], topology: str) -> str:
 def advice(plan: ProgramPlan) -> str:
     """For a program that does not fit: by how much, and the settings that lower the peak."""
     over = (plan.bytes_per_device - plan.device_memory_bytes) / GiB
-    m = plan.memory
+    parts = ", ".join(f"{kind} {n / GiB:.2f} GiB" for kind, n in plan.memory.items() if kind in ("argument", "temp"))
     what = ("more fsdp (--config.mesh.fsdp, parameters and optimizer state sharded), "
             "--config.train.remat=true (activations recomputed per layer), "
             "a smaller --config.train.batch_size with --config.train.grad_accum_steps to keep the global batch")  # fmt: skip
     if plan.name != "train_step":
         what = "a smaller eval.batch_size or eval.k, or more devices"
     return (f"{plan.name} needs {plan.bytes_per_device / GiB:.2f} GiB per device, {over:.2f} GiB more than the "
-            f"{plan.device_kind}'s {plan.device_memory_bytes / GiB:.1f} GiB (arguments {m['argument'] / GiB:.2f}, "
-            f"temporaries {m['temp'] / GiB:.2f} GiB); try {what}")  # fmt: skip
+            f"{plan.device_kind}'s {plan.device_memory_bytes / GiB:.1f} GiB ({parts}); try {what}")  # fmt: skip
 
 
 def to_json(plans: list[ProgramPlan], topology: str, config_spec: str) -> str:

@@ -12,7 +12,8 @@ from rag_jax import cli
 from rag_jax.config import default_config, load_config
 from rag_jax.models import bert
 from rag_jax.models.configs import BartConfig, BertConfig
-from rag_jax.planning import analysis, architectures, flops, targets
+from rag_jax.planning import analysis, architectures, flops, report, targets
+from rag_jax.planning.programs import Program
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 TINY_BERT = dict(model_type="dpr", vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -134,3 +135,31 @@ def test_unknown_model_and_topology_are_config_errors(capsys):
         targets.parse("v9z:2x2")
     assert cli.main(["plan", "--config", "experiments/configs/paper.py:nq-token", "--topology", "h100:2x2"]) == 1
     assert "a GPU topology is <gpu>:<count>" in capsys.readouterr().err
+
+
+def test_a_program_the_compiler_refuses_does_not_fit():
+    """TPU's compiler refuses a program whose temporaries exceed HBM; the plan reports it as not fitting,
+    with the bytes asked for, and says what to change."""
+
+    class Refused:
+        def trace(self, *args):
+            return jax.jit(lambda x: x @ x).trace(*args)
+
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(20.62G) exceeds available HBM (15.75G).")  # fmt: skip
+    program = Program("decode_sequence", Refused(), (jax.ShapeDtypeStruct((4, 4), jnp.float32),), model_flops=128.0)
+    original = jax.stages.Traced.lower
+
+    def refuse(self, *a, **k):
+        raise RuntimeError(message)
+
+    chip = targets.CHIPS["v5e"]
+    target = targets.Target("v5e:2x4", chip, tuple(jax.devices()[:1]))
+    jax.stages.Traced.lower = refuse
+    try:
+        plan = analysis.analyse(program, target)
+    finally:
+        jax.stages.Traced.lower = original
+    assert not plan.fits and plan.bytes_per_device == int(20.62 * 2**30)
+    assert plan.hlo_flops_per_device == 2 * 4 * 4 * 4
+    assert "needs 20.62 GiB per device" in report.advice(plan) and "eval.batch_size" in report.advice(plan)

@@ -205,15 +205,18 @@ def _assert_same_steps(reference, sharded) -> None:
         np.testing.assert_allclose(a, b, atol=ADAM_ATOL)
 
 
-def test_sharded_step_equals_single_device_step():
-    assert jax.device_count() == 8
-    batch = _batch(seed=3)
+def _single_and_sharded(seed: int, mesh: MeshConfig):
+    """A batch, two single-device steps on it, and a fresh trainer and state on ``mesh``."""
+    batch = _batch(seed=seed)
     single = _trainer(_cfg(), dropout=0.1)
     reference = _two_steps(single, single.init_state(), batch)
+    sharded = Trainer(_model(dropout=0.1), _cfg(), mesh=sharding.make_mesh(mesh))
+    return batch, reference, sharded, sharded.init_state()
 
-    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, model=1))
-    sharded = Trainer(_model(dropout=0.1), _cfg(), mesh=mesh)
-    state8 = sharded.init_state()
+
+def test_sharded_step_equals_single_device_step():
+    assert jax.device_count() == 8
+    batch, reference, sharded, state8 = _single_and_sharded(3, MeshConfig(data=2, fsdp=4, model=1))
     fc1 = state8.params["generator"]["encoder"]["layers"]["fc1"]["kernel"]
     assert fc1.sharding.spec == P(None, "fsdp", None)  # [layers, embed (32) over fsdp, mlp (48) over model (size 1)]
     word = state8.params["query_encoder"]["embeddings"]["word"]
@@ -234,19 +237,13 @@ def test_tensor_parallel_step_equals_single_device_step():
     """The ``model`` axis in use: heads, feed-forward units and the vocabulary (all even here) split over
     it, the batch over data x fsdp; the step's activation constraints apply (traced on the mesh) and the
     step computes what one device computes."""
-    batch = _batch(seed=4)
-    single = _trainer(_cfg(), dropout=0.1)
-    reference = _two_steps(single, single.init_state(), batch)
-
-    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, model=2))
-    sharded = Trainer(_model(dropout=0.1), _cfg(), mesh=mesh)
-    state8 = sharded.init_state()
+    batch, reference, sharded, state8 = _single_and_sharded(4, MeshConfig(data=2, fsdp=2, model=2))
     generator = state8.params["generator"]
     assert generator["decoder"]["layers"]["fc1"]["kernel"].sharding.spec == P(None, "fsdp", "model")
     assert generator["decoder"]["layers"]["self_attn"]["out_proj"]["kernel"].sharding.spec == P(None, "model", "fsdp")
     assert generator["shared"]["embedding"].sharding.spec == P("model", "fsdp")
     assert state8.opt_state.mu["generator"]["shared"]["embedding"].sharding.spec == P("model", "fsdp")
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(sharded.mesh):
         program = jax.jit(sharded.eval_loss).lower(state8.params, batch).as_text()
     # the per-document logits [K, B, T, V]: documents free, batch over data x fsdp, vocabulary over model
     assert 'sharding_constraint %' in program and '[{?}, {"data", "fsdp"}, {}, {"model"}]' in program
