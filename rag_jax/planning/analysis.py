@@ -8,7 +8,8 @@ estimate of its time.
   counts every loop body once.
 * Collectives: every all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute of
   the compiled HLO, with its result bytes, times the trips of the loops around it (a loop's trip count
-  is the integer bound in its condition; decoding loops that stop early run fewer).
+  is XLA's ``known_trip_count`` where the HLO carries it, else the integer bound in its condition, else
+  the program's bound; decoding loops that stop early run fewer).
 * Estimate: ``max(FLOPs / peak FLOP/s, HBM bytes / HBM bandwidth)`` per device, the HBM bytes being
   the larger of XLA's ``bytes accessed``, which counts a loop body once, and the weights a decoding
   loop reads at every token times its bound (both lower bounds on the traffic, as the time estimate is
@@ -110,8 +111,12 @@ def _collective_ops(hlo: str, default_trips: int = 1):
                                                 for c in group.split(",") if c.strip()]  # fmt: skip
             trips = 1
             if " while(" in line:
+                known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)  # GPU's backend config
                 cond = re.search(r"condition=%?([\w.\-]+)", line)
-                trips = _trip_count(comps.get(cond.group(1), []), default_trips) if cond else default_trips
+                if known:
+                    trips = int(known.group(1))
+                else:
+                    trips = _trip_count(comps.get(cond.group(1), []), default_trips) if cond else default_trips
             for callee in callees:
                 visit(callee, times * trips, depth + 1)
 

@@ -163,3 +163,11 @@ def test_a_program_the_compiler_refuses_does_not_fit():
     assert not plan.fits and plan.bytes_per_device == int(20.62 * 2**30)
     assert plan.hlo_flops_per_device == 2 * 4 * 4 * 4
     assert "needs 20.62 GiB per device" in report.advice(plan) and "eval.batch_size" in report.advice(plan)
+
+
+def test_collectives_take_known_trip_counts():
+    """GPU HLO carries the trip count in the while's backend config (its condition may hold no constant)."""
+    hlo = HLO.replace("%n = s32[] constant(12)", "%n = s32[] parameter(1)").replace(
+        "body=%body", 'body=%body, backend_config={"known_trip_count":{"n":"7"}}')
+    assert analysis.collectives(hlo)["all-gather"]["count"] == 14
+    assert analysis.collectives(hlo.replace('backend_config={"known_trip_count":{"n":"7"}}', ""), 3)["all-gather"]["count"] == 6
