@@ -28,11 +28,12 @@ ROWS = (  # label, config arg, program, overrides
     ("RAG-Token beam 4 decode (k=15)", "nq-token", "decode_token", ("eval.k=15", "eval.num_beams=4")),
     ("ExactIndex 21M x 768 bf16 (1024 queries)", "nq-token", "exact_search", ()),
 )
-COLUMNS = {  # label -> topology, per-target overrides (the batch of 128 does not split over 256 chips)
+COLUMNS = {  # label -> topology, per-target overrides (on 256 chips: the batch of 128 over fsdp 128 x model 2,
+    # one question per chip when decoding)
     "v5e-8": ("v5e:2x4", ()),
-    "v5p (2x2x2, 8 chips)": ("v5p:2x2x2", ()),
+    "v5p-16 (8 chips)": ("v5p:2x2x2", ()),
     "v6e-8": ("v6e:2x4", ()),
-    "v5e-256": ("v5e:16x16", ("mesh.fsdp=128", "mesh.model=2")),
+    "v5e-256": ("v5e:16x16", ("mesh.fsdp=128", "mesh.model=2", "eval.batch_size=256")),
     "H100 x8": ("h100:8", ()),
     "H200 x8": ("h200:8", ()),
 }
