@@ -91,16 +91,24 @@ def with_decoder_rows(cache: DecodeCache, rows_per_input: int, max_length: int) 
     )
 
 
-def take_decoder_rows(cache: DecodeCache, rows_R: jax.Array) -> DecodeCache:
-    """Decoder row r continues the self-attention state of row ``rows_R[r]`` (beams reordered, rows
-    repeated): a gather on axis 1 of the stacked keys/values, after the layer axis. The cross-attention
-    state does not move, so a row must stay in its run of rows sharing an encoder row (where C < B)."""
+def take_decoder_rows(cache: DecodeCache, source_GxN: jax.Array) -> DecodeCache:
+    """Decoder rows in G consecutive groups of N: row ``(g, n)`` continues the self-attention state of
+    row ``(g, source[g, n])`` (beams reordered, rows repeated; one group, G = 1, reorders rows freely).
+    The gather is batched over the groups, so with the rows split over devices by group no device reads
+    another's keys/values (a gather by global row numbers made GSPMD all-gather the cache). The
+    cross-attention state does not move, so a group must not span rows of different encoder rows where
+    C < B."""
+    groups, n = source_GxN.shape
 
-    def take(x_LxBxHxMxK):
-        return x_LxBxHxMxK[:, rows_R]
+    def within_groups(x_LxBx___: jax.Array) -> jax.Array:
+        layers, rows, *rest = x_LxBx___.shape
+        x_LxGxNx___ = x_LxBx___.reshape(layers, groups, n, *rest)
+        index = source_GxN.reshape(1, groups, n, *([1] * len(rest)))
+        return jnp.take_along_axis(x_LxGxNx___, index, axis=2).reshape(x_LxBx___.shape)
 
-    self_k, self_v = jax.tree.map(take, (cache.self_k_LxBxHxMxK, cache.self_v_LxBxHxMxK))
-    return dataclasses.replace(cache, self_k_LxBxHxMxK=self_k, self_v_LxBxHxMxK=self_v, index_B=cache.index_B[rows_R])
+    self_k, self_v = within_groups(cache.self_k_LxBxHxMxK), within_groups(cache.self_v_LxBxHxMxK)
+    index_B = within_groups(cache.index_B[None])[0]
+    return dataclasses.replace(cache, self_k_LxBxHxMxK=self_k, self_v_LxBxHxMxK=self_v, index_B=index_B)
 
 
 def _dropout_keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:

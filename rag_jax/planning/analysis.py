@@ -164,7 +164,8 @@ def _compile(program: Program):
             m = _OUT_OF_MEMORY.search(str(e))
             if not m:
                 raise
-            return traced, int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
+            size, unit = m.groups()
+            return traced, int(float(size) * 1024 ** ("KMGT".index(unit) + 1))
 
 
 def analyse(program: Program, target: Target, hlo_dir: str | None = None) -> ProgramPlan:

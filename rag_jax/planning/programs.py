@@ -25,6 +25,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rag_jax.config import dense_rag, resolve
+from rag_jax.errors import ConfigError
 from rag_jax.models import bert
 from rag_jax.models.bart import Bart
 from rag_jax.models.encoder import Encoder
@@ -77,6 +78,9 @@ def _struct(shape, dtype, sharding_) -> jax.ShapeDtypeStruct:
 
 
 def train_step(config: ml_collections.ConfigDict, target: Target, model: RagModel) -> Program:
+    if config.rag.variant != "closed_book" and not dense_rag(config):
+        raise ConfigError("planning covers dense retrieval and closed-book runs; set it to dense",
+                          what="config.corpus.retriever")  # fmt: skip
     settings = resolve(config)
     mesh = sharding.make_mesh(settings.mesh, devices=target.devices)
     trainer = Trainer(model, settings.train, mesh)
@@ -91,17 +95,15 @@ def train_step(config: ml_collections.ConfigDict, target: Target, model: RagMode
         dim = model.question_encoder.dim
         shapes = DenseRagBatch((b, q), (b, q), (b, k, dim), (b, k, s), (b, k, s), (b, t))
         batch_type = DenseRagBatch
-    if not closed_book and not dense_rag(config):
-        raise ValueError("planning covers dense retrieval and closed-book runs (corpus.retriever=dense)")
     dtypes = {"doc_embeddings_BxKxD": jnp.float32}
     batch = batch_type(**{
         name: _struct(shape, dtypes.get(name, jnp.int32), sharding.batch_sharding(mesh, len(shape)))
         for name, shape in dataclasses.asdict(shapes).items()
     })  # fmt: skip
     bert_cfg, bart_cfg = model.question_encoder.config, model.generator.config
-    if closed_book:
-        model_flops = 3 * (flops.bart_encoder_forward(bart_cfg, b, d.max_source_length)
-                           + flops.bart_decoder_forward(bart_cfg, b, t, d.max_source_length))  # fmt: skip
+    if closed_book:  # the question alone into the generator: one "document", no retrieval scores
+        model_flops = flops.rag_train_step(bert_cfg, bart_cfg, batch=b, k=1, question=q, source=d.max_source_length,
+                                           target=t, dense=False)  # fmt: skip
     else:
         model_flops = flops.rag_train_step(bert_cfg, bart_cfg, batch=b, k=k, question=q, source=s, target=t)
     mesh_shape = {axis: int(n) for axis, n in mesh.shape.items()}

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rag_jax.models.bart import Bart, DecodeCache, with_decoder_rows
+from rag_jax.models.bart import Bart, DecodeCache, take_decoder_rows, with_decoder_rows
 from rag_jax.models.configs import BartConfig
 from rag_jax.rag import objective
 
@@ -390,24 +390,13 @@ def beam_search(
 
 
 def _reorder_beams(cache: DecodeCache, source_BxN: jax.Array, n_docs: int) -> DecodeCache:
-    """Rows ``(b, k, n)`` continue the self-attention state of rows ``(b, k, source[b, n])``.
+    """Rows ``(b, k, n)`` continue the self-attention state of rows ``(b, k, source[b, n])``: every
+    (question, document) group of N beam rows is reordered alike, within itself.
 
     Only the self-attention keys/values move: the cross-attention state is per (b, k), shared by the
-    beams (see ``with_decoder_rows``). The gather stays inside each (b, k) group of N rows (a batched
-    gather over the groups), so with the examples split over devices no device needs another's
-    keys/values (a gather by global row numbers made GSPMD all-gather the whole cache at every token).
+    beams (see ``with_decoder_rows``).
     """
-    source_GxN = jnp.repeat(source_BxN, n_docs, axis=0)  # G = B * K groups of N beam rows
-
-    def within_groups(x_LxRx___: jax.Array) -> jax.Array:
-        layers, rows, *rest = x_LxRx___.shape
-        groups_LxGxNx___ = x_LxRx___.reshape(layers, rows // source_GxN.shape[1], source_GxN.shape[1], *rest)
-        index = source_GxN.reshape(1, *source_GxN.shape, *([1] * len(rest)))
-        return jnp.take_along_axis(groups_LxGxNx___, index, axis=2).reshape(x_LxRx___.shape)
-
-    self_k, self_v = within_groups(cache.self_k_LxBxHxMxK), within_groups(cache.self_v_LxBxHxMxK)
-    index_B = within_groups(cache.index_B[None])[0]
-    return dataclasses.replace(cache, self_k_LxBxHxMxK=self_k, self_v_LxBxHxMxK=self_v, index_B=index_B)
+    return take_decoder_rows(cache, jnp.repeat(source_BxN, n_docs, axis=0))
 
 
 def _step_fn(model: Bart, n_docs: int, num_beams: int, doc_scores_BxK: jax.Array | None) -> StepFn:

@@ -232,7 +232,8 @@ def test_cache_rows_reorder_like_beams(gelu, inputs):
     cache = model.init_cache(enc, mask, max_length=8)
     _, cache = _decode_step(graphdef, state, dec[:, :3], cache, dec_mask)
     perm = np.array([2, 0, 0])
-    reordered = take_decoder_rows(cache, perm)  # the self-attention state; with C = B, the rest moves too:
+    # one group of rows; the self-attention state moves, and with C = B the rest too:
+    reordered = take_decoder_rows(cache, perm[None])
     reordered = dataclasses.replace(
         reordered,
         cross_k_LxCxHxSxK=cache.cross_k_LxCxHxSxK[:, perm],  # rows follow the layer axis
