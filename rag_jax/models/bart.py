@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rag_jax.models.activations import ACTIVATIONS
-from rag_jax.models.attention import use_dot_product_attention
+from rag_jax.models.attention import KeyMask, dot_product_attention, padding_mask, use_dot_product_attention
 from rag_jax.models.configs import BartConfig
 from rag_jax.models.dropout import dropout
 from rag_jax.models.partitioning import HIDDEN, LOGITS, POSITION_TABLE, VOCAB_TABLE, LogicalAxes, constrain
@@ -215,13 +215,17 @@ class Attention(nnx.Module):
         """Keys and values of ``x``, heads split: two ``[B, H, S, Dh]``."""
         return self._split_heads(self.k_proj(x_BxSxD)), self._split_heads(self.v_proj(x_BxSxD))
 
-    def __call__(self, x_BxTxD, k_CxHxSxK, v_CxHxSxK, mask_Cx1xTxS, *, key: jax.Array | None) -> jax.Array:
+    def __call__(self, x_BxTxD, k_CxHxSxK, v_CxHxSxK, mask: KeyMask, *, key: jax.Array | None,
+                 over_cache: bool = False) -> jax.Array:
         """Attend from ``x`` to the given keys/values where ``mask`` is True; ``key`` drives the dropout.
 
         The keys, values and mask may have ``C = B / G`` rows: then each run of G consecutive rows of
         ``x`` (the beams of one document) attends to one row of them, as G * T queries of that row, so
         shared keys/values are neither copied nor read G times (the mask's T axis must then be 1).
-        The product runs in ``jax.nn.dot_product_attention`` where ``rag_jax.models.attention`` allows it.
+        The product runs in ``jax.nn.dot_product_attention`` where ``rag_jax.models.attention`` allows it,
+        except ``over_cache`` (decoding steps against a ``DecodeCache``): those take the explicit einsums on
+        every backend (XLA's implementation is the same einsums there, and with it XLA:GPU rejects the
+        batch-sharded decoding loop, a scatter-bounds error in jax 0.10.2, found by ``rag-jax plan``).
         """
         b, t = x_BxTxD.shape[:2]
         c, h, _, dh = k_CxHxSxK.shape
@@ -230,11 +234,11 @@ class Attention(nnx.Module):
         q_BxTxHxK = self.q_proj(x_BxTxD).reshape(b, t, h, dh)
         q_BxTxHxK = (q_BxTxHxK * jnp.asarray(dh**-0.5, q_BxTxHxK.dtype)).astype(k_CxHxSxK.dtype)
         q_CxQxHxK = q_BxTxHxK.reshape(c, -1, h, dh)  # a run of G rows of T queries: G * T queries
-        if use_dot_product_attention(self.dropout_rate, key):  # scale 1: the queries are scaled, as in transformers
+        if not over_cache and use_dot_product_attention(self.dropout_rate, key):  # scale 1: the queries are scaled, as in transformers
             k_CxSxHxK, v_CxSxHxK = k_CxHxSxK.transpose(0, 2, 1, 3), v_CxHxSxK.transpose(0, 2, 1, 3)
-            out_CxQxHxK = jax.nn.dot_product_attention(q_CxQxHxK, k_CxSxHxK, v_CxSxHxK, mask=mask_Cx1xTxS, scale=1.0)
+            out_CxQxHxK = dot_product_attention(q_CxQxHxK, k_CxSxHxK, v_CxSxHxK, mask, scale=1.0)
         else:
-            out_CxQxHxK = _explicit_attention(q_CxQxHxK, k_CxHxSxK, v_CxHxSxK, mask_Cx1xTxS, self.dropout_rate, key)
+            out_CxQxHxK = _explicit_attention(q_CxQxHxK, k_CxHxSxK, v_CxHxSxK, mask.keep_Bx1xTxS, self.dropout_rate, key)
         return self.out_proj(out_CxQxHxK.reshape(b, t, h * dh))
 
 
@@ -278,10 +282,10 @@ class EncoderLayer(_Layer):
         self.self_attn = Attention(cfg, cfg.encoder_attention_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.self_attn_layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, h_BxSxD, mask_Bx1x1xS, key) -> jax.Array:
+    def __call__(self, h_BxSxD, mask: KeyMask, key) -> jax.Array:
         keys = _dropout_keys(key, 4)
         x_BxSxD = self._block_input(self.self_attn_layer_norm, h_BxSxD)
-        out_BxSxD = self.self_attn(x_BxSxD, *self.self_attn.project_kv(x_BxSxD), mask_Bx1x1xS, key=keys[0])
+        out_BxSxD = self.self_attn(x_BxSxD, *self.self_attn.project_kv(x_BxSxD), mask, key=keys[0])
         h_BxSxD = self._block_output(self.self_attn_layer_norm, h_BxSxD, out_BxSxD, keys[1])
         return self._feed_forward(h_BxSxD, keys[2:])
 
@@ -297,7 +301,7 @@ class DecoderLayer(_Layer):
         self.encoder_attn = Attention(cfg, heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.encoder_attn_layer_norm = _layer_norm(cfg.d_model, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, h_BxTxD, self_mask_Bx1xTxL, cross_kv, cross_mask_Cx1x1xS, self_kv, index_B, key):
+    def __call__(self, h_BxTxD, self_mask: KeyMask, cross_kv, cross_mask: KeyMask, self_kv, index_B, key):
         """One layer. With ``self_kv`` (this layer's cached ``[B, H, M, Dh]`` keys/values), this step's
         keys/values are written at ``index_B`` and attention runs over the cache; without, over ``h`` itself.
 
@@ -309,11 +313,11 @@ class DecoderLayer(_Layer):
         k_BxHxLxK, v_BxHxLxK = new_kv
         if self_kv is not None:
             k_BxHxLxK, v_BxHxLxK = _write_at(self_kv[0], k_BxHxLxK, index_B), _write_at(self_kv[1], v_BxHxLxK, index_B)
-        out_BxTxD = self.self_attn(x_BxTxD, k_BxHxLxK, v_BxHxLxK, self_mask_Bx1xTxL, key=keys[0])
+        out_BxTxD = self.self_attn(x_BxTxD, k_BxHxLxK, v_BxHxLxK, self_mask, key=keys[0], over_cache=self_kv is not None)
         h_BxTxD = self._block_output(self.self_attn_layer_norm, h_BxTxD, out_BxTxD, keys[1])
 
         x_BxTxD = self._block_input(self.encoder_attn_layer_norm, h_BxTxD)
-        out_BxTxD = self.encoder_attn(x_BxTxD, *cross_kv, cross_mask_Cx1x1xS, key=keys[2])
+        out_BxTxD = self.encoder_attn(x_BxTxD, *cross_kv, cross_mask, key=keys[2], over_cache=self_kv is not None)
         h_BxTxD = self._block_output(self.encoder_attn_layer_norm, h_BxTxD, out_BxTxD, keys[3])
         return self._feed_forward(h_BxTxD, keys[4:]), new_kv
 
@@ -396,10 +400,10 @@ class Encoder(_Stack):
         embedding_key, layer_keys_L = _embedding_and_layer_keys(key, self.num_layers)
         b, s = attention_mask_BxS.shape
         h_BxSxD = self._embed(tokens_BxSxD, jnp.broadcast_to(jnp.arange(s), (b, s)), embedding_key)
-        mask_Bx1x1xS = attention_mask_BxS.astype(bool)[:, None, None, :]
+        mask = padding_mask(attention_mask_BxS)
 
         def body(layer, h_BxSxD, layer_key):
-            return layer(h_BxSxD, mask_Bx1x1xS, layer_key), None
+            return layer(h_BxSxD, mask, layer_key), None
 
         h_BxSxD, _ = self._scan(body, h_BxSxD, layer_keys_L)
         return self._final(h_BxSxD)
@@ -417,7 +421,7 @@ class Decoder(_Stack):
         graphdef, state = nnx.split(self.layers)
         return jax.vmap(lambda layer_state: nnx.merge(graphdef, layer_state).encoder_attn.project_kv(enc_CxSxD))(state)
 
-    def __call__(self, tokens_BxTxD, index_B, self_mask_Bx1xTxL, cross_mask_Cx1x1xS, cross_kv, self_kv, key):
+    def __call__(self, tokens_BxTxD, index_B, self_mask: KeyMask, cross_mask: KeyMask, cross_kv, self_kv, key):
         """``cross_kv`` and ``self_kv`` (None: no cache) are every layer's keys/values, ``[L, ...]`` pairs;
         returns the hidden states and, with ``self_kv``, this step's self-attention keys/values of every
         layer, ``[L, B, H, T, Dh]`` (None without)."""
@@ -428,7 +432,7 @@ class Decoder(_Stack):
         def body(layer, h_BxTxD, x):
             layer_cross_kv, layer_self_kv, layer_key = x
             h_BxTxD, new_kv = layer(
-                h_BxTxD, self_mask_Bx1xTxL, layer_cross_kv, cross_mask_Cx1x1xS, layer_self_kv, index_B, layer_key
+                h_BxTxD, self_mask, layer_cross_kv, cross_mask, layer_self_kv, index_B, layer_key
             )
             return h_BxTxD, None if layer_self_kv is None else new_kv
 
@@ -523,22 +527,19 @@ class Bart(nnx.Module):
         b, t = decoder_input_ids_BxT.shape
         if cache is None:
             index_B = jnp.zeros((b,), jnp.int32)
-            length = t
-            cross_mask_CxS = attention_mask_BxS
+            decoder_mask_BxT = jnp.ones((b, t), bool) if decoder_attention_mask is None else decoder_attention_mask
+            self_mask = padding_mask(decoder_mask_BxT, causal=True)
+            cross_mask = padding_mask(attention_mask_BxS)
             cross_kv = self.decoder.cross_kv(enc_BxSxD)
             self_kv = None
         else:
             index_B = cache.index_B
-            length = cache.max_length
-            cross_mask_CxS = cache.encoder_mask_CxS
+            self_mask = KeyMask(_self_attention_mask(index_B, t, cache.max_length, decoder_attention_mask))
+            cross_mask = KeyMask(cache.encoder_mask_CxS.astype(bool)[:, None, None, :])
             cross_kv = (cache.cross_k_LxCxHxSxK, cache.cross_v_LxCxHxSxK)
             self_kv = (cache.self_k_LxBxHxMxK, cache.self_v_LxBxHxMxK)
-        self_mask_Bx1xTxL = _self_attention_mask(index_B, t, length, decoder_attention_mask)
-        cross_mask_Cx1x1xS = cross_mask_CxS.astype(bool)[:, None, None, :]
         tokens_BxTxD = self._embed_tokens(decoder_input_ids_BxT)
-        h_BxTxD, new_kv = self.decoder(
-            tokens_BxTxD, index_B, self_mask_Bx1xTxL, cross_mask_Cx1x1xS, cross_kv, self_kv, key
-        )
+        h_BxTxD, new_kv = self.decoder(tokens_BxTxD, index_B, self_mask, cross_mask, cross_kv, self_kv, key)
         logits_BxTxV = self._lm_head(h_BxTxD)
         if cache is None:
             return logits_BxTxV, None

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from rag_jax.models.activations import activation
-from rag_jax.models.attention import use_dot_product_attention
+from rag_jax.models.attention import KeyMask, dot_product_attention, padding_mask, use_dot_product_attention
 from rag_jax.models.configs import BertConfig
 from rag_jax.models.dropout import dropout
 from rag_jax.models.partitioning import HIDDEN, POSITION_TABLE, VOCAB_TABLE, LogicalAxes, constrain
@@ -171,7 +171,7 @@ def _explicit_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, keep_Bx1x1xS, rate: flo
     return jnp.einsum("bhqs,bshk->bqhk", probs_BxHxSxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
 
 
-def _attention(x_BxSxD, p: Params, keep_Bx1x1xS, cfg: BertConfig, dtype, key) -> jax.Array:
+def _attention(x_BxSxD, p: Params, mask: KeyMask, cfg: BertConfig, dtype, key) -> jax.Array:
     b, s, _ = x_BxSxD.shape
     h, dh = cfg.num_attention_heads, cfg.head_dim
     q_BxSxHxK = dense(x_BxSxD, p["query"], dtype).reshape(b, s, h, dh)
@@ -179,16 +179,16 @@ def _attention(x_BxSxD, p: Params, keep_Bx1x1xS, cfg: BertConfig, dtype, key) ->
     v_BxSxHxK = dense(x_BxSxD, p["value"], dtype).reshape(b, s, h, dh)
     rate = cfg.attention_probs_dropout_prob  # 0.1 in BERT checkpoints: training takes the explicit path
     if use_dot_product_attention(rate, key):
-        ctx_BxSxHxK = jax.nn.dot_product_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, mask=keep_Bx1x1xS, scale=dh**-0.5)
+        ctx_BxSxHxK = dot_product_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, mask, scale=dh**-0.5)
     else:
-        ctx_BxSxHxK = _explicit_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, keep_Bx1x1xS, rate, key)
+        ctx_BxSxHxK = _explicit_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, mask.keep_Bx1xTxS, rate, key)
     return ctx_BxSxHxK.reshape(b, s, h * dh)
 
 
-def _layer(x_BxSxD, p: Params, key, keep_Bx1x1xS, cfg: BertConfig, dtype) -> jax.Array:
+def _layer(x_BxSxD, p: Params, key, mask: KeyMask, cfg: BertConfig, dtype) -> jax.Array:
     """One post-LN transformer layer (BertLayer)."""
     k_attn, k_attn_out, k_mlp_out = (None, None, None) if key is None else jax.random.split(key, 3)
-    ctx_BxSxD = _attention(x_BxSxD, p, keep_Bx1x1xS, cfg, dtype, k_attn)
+    ctx_BxSxD = _attention(x_BxSxD, p, mask, cfg, dtype, k_attn)
     attn_BxSxD = dropout(dense(ctx_BxSxD, p["attn_out"], dtype), cfg.hidden_dropout_prob, k_attn_out)
     x_BxSxD = layer_norm(attn_BxSxD.astype(jnp.float32) + x_BxSxD, p["attn_norm"], cfg.layer_norm_eps).astype(dtype)
     mid_BxSxF = activation(cfg.hidden_act)(dense(x_BxSxD, p["mlp_in"], dtype))
@@ -241,11 +241,11 @@ def encode(
         layer_keys = jax.random.split(layers_key, cfg.num_hidden_layers)
 
     x_BxSxD = embed(params, input_ids_BxS, token_type_ids_BxS, cfg=cfg, dtype=dtype, key=emb_key)
-    keep_Bx1x1xS = attention_mask_BxS[:, None, None, :] > 0
+    mask = padding_mask(attention_mask_BxS)
 
     def body(x_BxSxD, layer):
         p, key = layer
-        return _layer(x_BxSxD, p, key, keep_Bx1x1xS, cfg, dtype), None
+        return _layer(x_BxSxD, p, key, mask, cfg, dtype), None
 
     x_BxSxD, _ = jax.lax.scan(rematerialised(body, remat), x_BxSxD, (params["layers"], layer_keys))
     return x_BxSxD

@@ -8,7 +8,7 @@ tokens, T target tokens, Q question tokens), the vocabulary projection, ``q . d`
 3x the forward (forward, and a backward of twice its cost), without remat's recomputation.
 
 ``traced_matmul_flops`` walks a jaxpr: every ``dot_general`` counts ``2 x prod(output) x prod(contracted
-dims)``, a ``scan`` body counts ``length`` times, a ``shard_map`` body once per device of its mesh, a
+dims)``, cuDNN's fused attention its products (``FUSED_ATTENTION_MATMULS``), a ``scan`` body counts ``length`` times, a ``shard_map`` body once per device of its mesh, a
 ``while`` body ``while_trips`` times (a bound given by the caller: decoding loops stop early), a
 ``cond`` its costliest branch. XLA's own ``cost_analysis()`` counts a loop body once, however many times
 it runs, so it undercounts scanned layers by their number; this count does not.
@@ -78,6 +78,11 @@ def rag_decode(bart: BartConfig, *, batch: int, k: int, source: int, length: int
     return flops
 
 
+FUSED_ATTENTION_MATMULS = {"dot_product_attention_fwd_wrapper": 2, "dot_product_attention_bwd_wrapper": 5}
+"""Matmuls of size [T, S] x H per head in cuDNN's fused attention: q.k and p.v forward; the backward
+recomputes q.k and takes four products for the gradients."""
+
+
 def traced_matmul_flops(jaxpr, while_trips: int = 1) -> float:
     """Matmul FLOPs of a (closed) jaxpr, loops counted as they run (module docstring)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
@@ -88,6 +93,9 @@ def traced_matmul_flops(jaxpr, while_trips: int = 1) -> float:
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs_shape = eqn.invars[0].aval.shape
             total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in lhs_contract)
+        elif name in FUSED_ATTENTION_MATMULS:  # cuDNN flash attention (layout [B, T, N, H])
+            (b, t, n, h), s = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape[1]
+            total += 2 * FUSED_ATTENTION_MATMULS[name] * b * n * t * s * h
         elif name == "scan":
             total += eqn.params["length"] * traced_matmul_flops(eqn.params["jaxpr"], while_trips)
         elif name == "while":

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from rag_jax.config import dense_rag, resolve
 from rag_jax.errors import ConfigError
-from rag_jax.models import bert
+from rag_jax.models import attention, bert
 from rag_jax.models.bart import Bart
 from rag_jax.models.encoder import Encoder
 from rag_jax.models.generator import Generator
@@ -130,17 +130,17 @@ def decode(config: ml_collections.ConfigDict, target: Target, model: RagModel, v
     options = model.generation_options(variant, None, num_beams=e.num_beams, max_length=e.max_length)
     graphdef, state, ids, scores = _decode_inputs(config, target, model)
     b, k, s = ids.shape
-    if variant == "token":
-        function = jax.jit(lambda st, i, m, sc: rag_token_search(graphdef, st, i, m, sc, options))
-    else:
-        gen = model.generator.config
+    gen = model.generator.config
 
-        def function(st, i, m, sc):
+    def search(st, i, m, sc):
+        with attention.traced_for(target.devices[0].platform):  # attention takes the target's path
+            if variant == "token":
+                return rag_token_search(graphdef, st, i, m, sc, options)
             return rag_sequence_search(graphdef, st, i, m, sc, options, "thorough", pad_token_id=gen.pad_token_id,
                                        bos_token_id=model.bos_token_id, epsilon=model.config.label_smoothing,
                                        do_deduplication=model.config.do_deduplication)  # fmt: skip
 
-        function = jax.jit(function)
+    function = jax.jit(search)
     model_flops = flops.rag_decode(model.generator.config, batch=b, k=k, source=s, length=options.max_length,
                                    beams=options.num_beams, rescore=variant == "sequence")  # fmt: skip
     per_token = nnx.state(model.generator.model.decoder), nnx.state(model.generator.model.shared)

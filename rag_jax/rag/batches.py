@@ -10,7 +10,9 @@
 Every field's name ends with its shape (B examples, Q question tokens, K documents, D embedding
 dims, S input tokens, T label tokens); the leading axis is always the batch, so shardings and
 micro-batch splits are tree maps over a batch. The type is part of the pytree structure, so a
-jitted function that dispatches on it with ``isinstance`` traces one program per kind.
+jitted function that dispatches on it with ``isinstance`` traces one program per kind. Attention masks
+are right-padded (every token before every pad; a host mask that is not is a ``ValueError`` naming the
+field): the loss hands them to the models as lengths, which cuDNN's fused attention takes on GPU.
 """
 
 from __future__ import annotations
@@ -20,10 +22,21 @@ import dataclasses
 import jax
 from jax.typing import ArrayLike
 
+from rag_jax.models.attention import check_right_padded
+
+
+class _RightPadded:
+    """Checks, on construction, that the batch's host attention masks are right-padded."""
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if "attention_mask" in field.name:
+                check_right_padded(getattr(self, field.name), field.name)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class DenseRagBatch:
+class DenseRagBatch(_RightPadded):
     question_input_ids_BxQ: ArrayLike
     question_attention_mask_BxQ: ArrayLike
     doc_embeddings_BxKxD: ArrayLike
@@ -34,7 +47,7 @@ class DenseRagBatch:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class FixedScoreRagBatch:
+class FixedScoreRagBatch(_RightPadded):
     doc_scores_BxK: ArrayLike
     context_input_ids_BxKxS: ArrayLike
     context_attention_mask_BxKxS: ArrayLike
@@ -43,7 +56,7 @@ class FixedScoreRagBatch:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Seq2SeqBatch:
+class Seq2SeqBatch(_RightPadded):
     input_ids_BxS: ArrayLike
     attention_mask_BxS: ArrayLike
     labels_BxT: ArrayLike

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rag_jax.models import bert
+from rag_jax.models import attention, bert
 from rag_jax.models.bart import Bart
 from rag_jax.models.configs import BartConfig, BertConfig, RagConfig
 from rag_jax.models.encoder import Encoder, pooled_encode
@@ -129,6 +129,11 @@ def per_example_loss(
     if not isinstance(batch, expected):
         names = " or ".join(t.__name__ for t in expected)
         raise TypeError(f"a {spec.variant!r} loss takes a {names}, got a {type(batch).__name__}")
+    with attention.right_padded_masks():  # the batches' masks are checked right-padded (rag_jax.rag.batches)
+        return _per_example_loss(spec, generator, question_encoder, batch, dropout_key, score_scale)
+
+
+def _per_example_loss(spec, generator, question_encoder, batch: Batch, dropout_key, score_scale) -> jax.Array:
     encoder_key, generator_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     decoder_input_ids_BxT, _, _ = objective.decoder_inputs_and_targets(
         batch.labels_BxT, form=spec.form, pad_token_id=spec.pad_token_id,

@@ -109,3 +109,45 @@ def test_bert_hidden_states_agree():
             monkeypatch, lambda: jax.jit(lambda p: encode(p, ids_BxS, mask_BxS, cfg=BERT))(params)
         )
     np.testing.assert_allclose(dot_product, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_masks_carry_lengths_only_when_declared_right_padded():
+    mask_BxS = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], np.int32)
+    assert attention.padding_mask(mask_BxS).lengths_B is None
+    with attention.right_padded_masks():
+        mask = attention.padding_mask(mask_BxS, causal=True)
+    np.testing.assert_array_equal(mask.lengths_B, [3, 1])
+    expected_Bx1x4x4 = np.tril(np.ones((4, 4), bool))[None, None] & mask_BxS.astype(bool)[:, None, None, :]
+    np.testing.assert_array_equal(mask.keep_Bx1xTxS, expected_Bx1x4x4)
+    assert attention.padding_mask(mask_BxS).lengths_B is None  # the declaration ends with the block
+
+
+def test_fused_kernel_only_for_16_bit_gpu_attention_with_lengths(monkeypatch):
+    with attention.right_padded_masks():
+        mask = attention.padding_mask(np.ones((2, 4), np.int32))
+    q_bf16, q_f32 = jnp.zeros((2, 4, 2, 64), jnp.bfloat16), jnp.zeros((2, 4, 2, 64), jnp.float32)
+    assert not attention.fused_kernel_applies(q_bf16, q_bf16, mask)  # this host: CPU
+    monkeypatch.setattr(attention, "platform", lambda: "gpu")
+    assert attention.fused_kernel_applies(q_bf16, q_bf16, mask)
+    assert not attention.fused_kernel_applies(q_f32, q_f32, mask)  # float32 (parity): XLA
+    assert not attention.fused_kernel_applies(q_bf16, q_bf16, attention.KeyMask(mask.keep_Bx1xTxS))  # no lengths
+    head_dim_12 = jnp.zeros((2, 4, 2, 12), jnp.bfloat16)
+    assert not attention.fused_kernel_applies(head_dim_12, head_dim_12, mask)
+    assert not attention.fused_kernel_applies(q_bf16[:, :3], q_bf16, mask)  # an odd query length
+
+
+def test_the_platform_follows_the_current_mesh():
+    assert attention.platform() == jax.default_backend()
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        assert attention.platform() == mesh.devices.flat[0].platform
+
+
+def test_batches_reject_left_padded_masks():
+    from rag_jax.rag.batches import FixedScoreRagBatch
+
+    ids_BxKxS, labels_BxT, scores_BxK = np.ones((1, 2, 4), np.int32), np.ones((1, 3), np.int32), np.zeros((1, 2))
+    right_BxKxS = np.array([[[1, 1, 0, 0], [1, 1, 1, 1]]], np.int32)
+    FixedScoreRagBatch(scores_BxK, ids_BxKxS, right_BxKxS, labels_BxT)
+    with pytest.raises(ValueError, match="context_attention_mask_BxKxS has a token after padding"):
+        FixedScoreRagBatch(scores_BxK, ids_BxKxS, right_BxKxS[:, :, ::-1].copy(), labels_BxT)

@@ -171,3 +171,22 @@ def test_collectives_take_known_trip_counts():
         "body=%body", 'body=%body, backend_config={"known_trip_count":{"n":"7"}}')
     assert analysis.collectives(hlo)["all-gather"]["count"] == 14
     assert analysis.collectives(hlo.replace('backend_config={"known_trip_count":{"n":"7"}}', ""), 3)["all-gather"]["count"] == 6
+
+
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="the jax CUDA plugin is not installed (pip install 'jax[cuda12]')")
+def test_gpu_plan_takes_cudnn_flash_attention(tiny_folders, tmp_path):
+    """bfloat16 training on H100s: the encoders' attention (even lengths, right-padded masks) is cuDNN's
+    fused kernel, counted in the FLOPs; decoding compiles (its cache steps take the explicit einsums)."""
+    out, hlo = tmp_path / "plan.json", tmp_path / "hlo"
+    status = cli.main(["plan", "--config", "experiments/configs/paper.py:nq-token", "--topology", "h100:4",
+                       "--programs", "train_step,decode", "--out", str(out), "--hlo-dir", str(hlo),
+                       *_tiny_overrides(tiny_folders)])  # fmt: skip
+    assert status == 0
+    assert "__cudnn$fmha" in (hlo / "train_step.hlo.txt").read_text()
+    by_name = {p["name"]: p for p in json.loads(out.read_text())["programs"]}
+    train = by_name["train_step"]
+    assert 0.9 <= train["hlo_flops_per_device"] * train["num_devices"] / train["model_flops"] <= 1.1
+    assert by_name["decode_token"]["fits"]
