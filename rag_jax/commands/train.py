@@ -53,7 +53,8 @@ def _eval(args: argparse.Namespace) -> int:
     retriever = None
     if cfg.rag.variant != "closed_book":
         retriever = components.build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=cfg.eval.k)
-    result, records = evaluate.evaluate(cfg, model, examples, generator_tokenizer=generator_tokenizer, retriever=retriever)
+    result, records = evaluate.evaluate(cfg, model, examples, generator_tokenizer=generator_tokenizer, retriever=retriever,
+                                        fmt=components.split_format(cfg, args.split))  # fmt: skip
     out = args.predictions or os.path.join(cfg.run_dir, f"predictions_{args.split}_step{step}.jsonl")
     with open(out, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)

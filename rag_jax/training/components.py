@@ -123,5 +123,12 @@ def read_split(cfg: ml_collections.ConfigDict, split: str, generator_tokenizer=N
         ).examples
 
 
+def split_format(cfg: ml_collections.ConfigDict, split: str) -> str:
+    """The data format of ``config.data.<split>`` (``config.data.format``, else by the file), which decides
+    the split's metrics (``evaluate.task_metrics``); "" when the split has no file."""
+    path = cfg.data[split]
+    return data.detect_format(path, cfg.data.format or None) if path else ""
+
+
 def _target_length_fn(tokenizer):
     return lambda text: len(tokenizer(text)["input_ids"])

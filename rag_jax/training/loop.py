@@ -35,7 +35,7 @@ from rag_jax.data import qa as data
 from rag_jax.errors import ConfigError, UserError
 from rag_jax.training import checkpointing, sharding
 from rag_jax.training.batches import closed_book_batch, rag_batch
-from rag_jax.training.components import build_model, build_retriever, read_split, tokenizers
+from rag_jax.training.components import build_model, build_retriever, read_split, split_format, tokenizers
 from rag_jax.training.evaluate import checkpoint_target, evaluate
 from rag_jax.training.metric_writer import MetricWriter
 from rag_jax.training.step import Trainer
@@ -121,7 +121,7 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     model = build_model(cfg)
     closed_book = cfg.rag.variant == "closed_book"
     retriever = None if closed_book else build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=cfg.rag.k)
-    dev_format = data.detect_format(cfg.data.dev, cfg.data.format or None) if cfg.data.dev else ""
+    dev_format = split_format(cfg, "dev")
     # HF fast tokenizers are not thread-safe: evaluation (main thread) gets its own, retrieval ahead
     # of the step (background thread) keeps the first pair.
     eval_question_tokenizer, eval_generator_tokenizer = tokenizers(cfg)

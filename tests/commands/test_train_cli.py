@@ -95,6 +95,15 @@ def test_train_eval_export_end_to_end(task, tmp_path, capsys):
         predictions = [json.loads(line) for line in f]
     assert len(predictions) == 4 and all(len(p["retrieved"]) == 2 for p in predictions)
 
+    # a split in the generation format is scored as one: BLEU-1 and ROUGE-L next to EM / F1
+    generation = tmp_path / "test_generation.jsonl"
+    generation.write_text("".join(json.dumps({"input": p["question"], "target": p["answers"][0]}) + "\n"
+                                  for p in predictions))  # fmt: skip
+    assert cli.main(["eval", "--run", run_dir, "--split", "test", f"--config.data.test={generation}",
+                     f"--predictions={tmp_path / 'generation_predictions.jsonl'}"]) == 0  # fmt: skip
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"em", "f1", "bleu1", "rouge_l"} <= set(scored) and "label_accuracy" not in scored
+
     # the latest checkpoint's array data files truncated: eval falls back to the previous one, and says only that
     damaged = tmp_path / "damaged"
     shutil.copytree(run_dir, damaged)

@@ -158,3 +158,14 @@ def test_rouge_l_by_hand_and_against_rouge_score():
                    for p, refs in zip(predictions, references)]  # fmt: skip
     assert rouge_l(predictions, references) == pytest.approx(sum(per_example) / len(per_example))
     assert 0 < rouge_l(predictions, references) < 1
+
+
+def test_task_metrics_follow_the_data_format():
+    from rag_jax.training.evaluate import task_metrics
+
+    predictions, answers = ["the cat sat", "supports"], [("the cat sat",), ("SUPPORTS",)]
+    assert set(task_metrics("jsonl", predictions, answers)) == {"em", "f1"}
+    generation = task_metrics("generation", predictions, answers)
+    assert set(generation) == {"em", "f1", "bleu1", "rouge_l"} and generation["rouge_l"] == pytest.approx(1.0)
+    fever = task_metrics("fever", predictions, answers)
+    assert set(fever) == {"em", "f1", "label_accuracy"} and fever["label_accuracy"] == pytest.approx(1.0)
