@@ -120,6 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
         decoding="thorough",  # RAG-Sequence: thorough | fast
         batch_size=32,
         max_examples=0,  # 0 = all
+        answer_match="string",  # string (SQuAD-normalised EM / F1) | regex (answers are patterns: CuratedTrec)
     )
     c.mesh = dict(data=-1, fsdp=1, model=1)
     return c
@@ -342,7 +343,7 @@ def resolve(config: ml_collections.ConfigDict) -> RunSettings:
     dense retrieval only)."""
     for field, choices in (("rag.variant", VARIANTS), ("corpus.retriever", RETRIEVERS), ("train.form", objective.FORMS),
                            ("train.loss_reduction", ("mean", "sum")), ("train.compute_dtype", COMPUTE_DTYPES),
-                           ("train.on_nonfinite", ("stop", "skip"))):  # fmt: skip
+                           ("train.on_nonfinite", ("stop", "skip")), ("eval.answer_match", ("string", "regex"))):  # fmt: skip
         section, name = field.split(".")
         _check_choice(field, config[section][name], choices)
     t = config.train

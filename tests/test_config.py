@@ -147,3 +147,12 @@ def test_a_run_saved_before_the_score_scale_reads_back_unscaled(tmp_path):
     saved["rag"]["score_scale"] = None  # automatic, as saved since
     (tmp_path / "checkpoints" / "config.json").write_text(json.dumps(saved))
     assert saved_run_config(str(tmp_path)).rag.score_scale is None
+
+
+@pytest.mark.parametrize("dataset", ["nq", "tqa", "wq", "ct"])
+@pytest.mark.parametrize("variant", ["token", "sequence", "closed_book"])
+def test_every_paper_config_loads_and_resolves(dataset, variant):
+    config = load_config(f"experiments/configs/paper.py:{dataset}-{variant}@/data/rag")
+    settings = resolve(config)
+    assert settings.train.variant == variant and config.data.train == f"/data/rag/{dataset}/train.tsv"
+    assert config.eval.answer_match == ("regex" if dataset == "ct" else "string")

@@ -67,4 +67,6 @@ def get_config(arg: str = "nq-token"):
     c.eval.num_beams = 1
     c.eval.max_length = 25
     c.eval.decoding = "thorough"
+    if dataset == "ct":  # CuratedTrec's answers are regular expressions: EM (and recall) by regex, as DPR
+        c.eval.answer_match = "regex"
     return c

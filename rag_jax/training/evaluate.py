@@ -19,9 +19,10 @@ from rag_jax.training.components import build_model
 from rag_jax.training.step import Trainer
 
 
-def task_metrics(fmt: str, predictions: list[str], answers: list[tuple[str, ...]]) -> dict:
-    """EM and F1 for every task; BLEU-1 and ROUGE-L for generation targets; label accuracy for FEVER."""
-    result = metrics.qa_metrics(predictions, answers)
+def task_metrics(fmt: str, predictions: list[str], answers: list[tuple[str, ...]], match: str = "string") -> dict:
+    """EM and F1 for every task (EM alone when ``match="regex"``: the answers are patterns, as
+    CuratedTrec's); BLEU-1 and ROUGE-L for generation targets; label accuracy for FEVER."""
+    result = metrics.qa_metrics(predictions, answers, match=match)
     if fmt == "generation":
         result.update(bleu1=metrics.bleu1(predictions, answers), rouge_l=metrics.rouge_l(predictions, answers))
     if fmt == "fever":
@@ -62,9 +63,11 @@ def evaluate(cfg, model: RagModel, examples: list[data.QAExample], *, generator_
             rec = {"question": ex.question, "answers": list(ex.answers), "prediction": texts[i].strip()}
             if passages is not None:
                 rec["retrieved"] = [p.title for p in passages[i]]
-                rec["answer_in_top_k"] = metrics.has_answer([p.text for p in passages[i]], ex.answers)
+                rec["answer_in_top_k"] = metrics.has_answer([p.text for p in passages[i]], ex.answers,
+                                                            match=e.answer_match)  # fmt: skip
             records.append(rec)
-    result = task_metrics(fmt, [r["prediction"] for r in records], [tuple(r["answers"]) for r in records])
+    result = task_metrics(fmt, [r["prediction"] for r in records], [tuple(r["answers"]) for r in records],
+                          e.answer_match)  # fmt: skip
     if retriever is not None:
         result["recall_at_k"] = float(np.mean([r["answer_in_top_k"] for r in records]))
     return result, records

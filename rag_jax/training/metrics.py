@@ -101,9 +101,23 @@ def f1_score(prediction: str, answers: Answers) -> float:
     return max(_f1(tokens, normalize_answer(a).split()) for a in _gold(answers))
 
 
-def qa_metrics(predictions: Sequence[str], answers_list: Sequence[Answers]) -> dict[str, float]:
-    """``{"em", "f1"}``: the mean exact match and F1 over the examples (fractions in [0, 1])."""
+def regex_exact_match(prediction: str, patterns: Answers) -> float:
+    """1.0 if the prediction matches any gold pattern from its start (DrQA's / DPR's ``regex_match_score``
+    for CuratedTrec, whose answers are regular expressions: ``re.match``, case-insensitive, on NFD text;
+    an invalid pattern matches nothing, with a warning), else 0.0."""
+    text = unicodedata.normalize("NFD", prediction)
+    compiled = [p for p in map(_answer_pattern, _gold(patterns)) if p is not None]
+    return float(any(p.match(text) is not None for p in compiled))
+
+
+def qa_metrics(predictions: Sequence[str], answers_list: Sequence[Answers], *, match: str = "string") -> dict[str, float]:
+    """``{"em", "f1"}``: the mean exact match and F1 over the examples (fractions in [0, 1]). With
+    ``match="regex"`` (answers are patterns, CuratedTrec) only ``{"em"}``, by ``regex_exact_match``."""
     _pairs(predictions, answers_list, "predictions", "answer lists")
+    if match == "regex":
+        return {"em": float(np.mean([regex_exact_match(p, a) for p, a in zip(predictions, answers_list)]))}
+    if match != "string":
+        raise ValueError(f"match must be 'string' or 'regex', got {match!r}")
     return {
         "em": float(np.mean([exact_match(p, a) for p, a in zip(predictions, answers_list)])),
         "f1": float(np.mean([f1_score(p, a) for p, a in zip(predictions, answers_list)])),

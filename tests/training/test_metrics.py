@@ -169,3 +169,18 @@ def test_task_metrics_follow_the_data_format():
     assert set(generation) == {"em", "f1", "bleu1", "rouge_l"} and generation["rouge_l"] == pytest.approx(1.0)
     fever = task_metrics("fever", predictions, answers)
     assert set(fever) == {"em", "f1", "label_accuracy"} and fever["label_accuracy"] == pytest.approx(1.0)
+
+
+def test_regex_exact_match_is_drqa_match_from_the_start(caplog):
+    from rag_jax.training.evaluate import task_metrics
+    from rag_jax.training.metrics import regex_exact_match
+
+    assert regex_exact_match("George Washington", ["george\\s+washington"]) == 1.0  # case-insensitive
+    assert regex_exact_match("President George Washington", ["George Washington"]) == 0.0  # re.match: from the start
+    assert regex_exact_match("1776 AD", ["17[0-9]{2}"]) == 1.0  # a prefix match suffices, as DrQA's
+    with caplog.at_level(logging.WARNING):
+        assert regex_exact_match("anything", ["(unclosed", "any"]) == 1.0  # the invalid pattern matches nothing
+    assert "not a valid regular expression" in caplog.text
+    assert task_metrics("tsv", ["Paris", "Lyon"], [("paris|rome",), ("nice",)], "regex") == {"em": 0.5}
+    with pytest.raises(ValueError, match="match must be"):
+        task_metrics("tsv", ["a"], [("a",)], "fuzzy")
