@@ -353,8 +353,12 @@ class _Stack(nnx.Module):
     ``_stacked_layers``), the parts around them (positions, embedding norm, final norm) and the scan over
     the layers."""
 
-    def __init__(self, cfg: BartConfig, make_layer, num_layers: int, *, rngs: nnx.Rngs, param_dtype, remat: str):
-        self.layers = _stacked_layers(make_layer, num_layers, rngs)  # drawn first, as the layers always were
+    def __init__(self, cfg: BartConfig, make_layer, num_layers: int, *, rngs: nnx.Rngs, param_dtype, remat: str,
+                 stacked: bool = True):
+        if stacked:
+            self.layers = _stacked_layers(make_layer, num_layers, rngs)  # drawn first, as the layers always were
+        else:  # a list of layers, each with its own weights (see unstacked_decoder)
+            self.layers = nnx.List([make_layer(rngs) for _ in range(num_layers)])
         self.num_layers = num_layers
         self.embed_positions = nnx.Embed(
             cfg.max_position_embeddings + POSITION_OFFSET,
@@ -380,6 +384,12 @@ class _Stack(nnx.Module):
         """``body(layer, h, x) -> (h, y)`` over the layers in order with ``jax.lax.scan``: ``xs`` and the
         returned ``ys`` have a leading layer axis. ``remat`` (a policy name) sets which of each layer's
         activations are recomputed in the backward pass instead of stored."""
+        if isinstance(self.layers, nnx.List):  # unstacked: a Python loop, each layer's weights read in place
+            ys = []
+            for i, layer in enumerate(self.layers):
+                h, y = body(layer, h, jax.tree.map(lambda a: a[i], xs))
+                ys.append(y)
+            return h, jax.tree.map(lambda *y: jnp.stack(y), *ys)
         graphdef, state = nnx.split(self.layers)
 
         def step(h, state_and_x):
@@ -410,14 +420,18 @@ class Encoder(_Stack):
 
 
 class Decoder(_Stack):
-    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: str):
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: str, stacked: bool = True):
         def make_layer(rngs):
             return DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-        super().__init__(cfg, make_layer, cfg.decoder_layers, rngs=rngs, param_dtype=param_dtype, remat=remat)
+        super().__init__(cfg, make_layer, cfg.decoder_layers, rngs=rngs, param_dtype=param_dtype, remat=remat,
+                         stacked=stacked)  # fmt: skip
 
     def cross_kv(self, enc_CxSxD) -> tuple[jax.Array, jax.Array]:
         """Every layer's cross-attention keys and values of the encoder output: two ``[L, C, H, S, Dh]``."""
+        if isinstance(self.layers, nnx.List):
+            k_L, v_L = zip(*(layer.encoder_attn.project_kv(enc_CxSxD) for layer in self.layers))
+            return jnp.stack(k_L), jnp.stack(v_L)
         graphdef, state = nnx.split(self.layers)
         return jax.vmap(lambda layer_state: nnx.merge(graphdef, layer_state).encoder_attn.project_kv(enc_CxSxD))(state)
 
@@ -455,7 +469,8 @@ def _self_attention_mask(index_B, t: int, length: int, decoder_attention_mask) -
 class Bart(nnx.Module):
     """``BartForConditionalGeneration``: shared token embedding, encoder, decoder, tied LM head + bias."""
 
-    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, remat: str = "none"):
+    def __init__(self, cfg: BartConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, remat: str = "none",
+                 stacked_decoder: bool = True):
         if cfg.activation_function not in ACTIVATIONS:
             raise ValueError(f"activation_function={cfg.activation_function!r} is not one of {sorted(ACTIVATIONS)}")
         dtype = dtype or param_dtype
@@ -471,7 +486,7 @@ class Bart(nnx.Module):
         )
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.encoder = Encoder(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
-        self.decoder = Decoder(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        self.decoder = Decoder(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat, stacked=stacked_decoder)
         self.final_logits_bias = Buffer(jnp.zeros((cfg.vocab_size,), param_dtype))
 
     def _embed_tokens(self, ids_BxL) -> jax.Array:
@@ -597,3 +612,24 @@ def param_logical_axes(model: nnx.Module) -> dict:
         if variable.get_metadata().get("out_sharding")
     }
     return nnx.traversals.unflatten_mapping(declared)
+
+
+def unstacked_decoder(model: Bart) -> Bart:
+    """``model`` with its decoder layers as a list of layers, each holding its own copy of its weights
+    (everything else shared, not copied); computes what ``model`` computes.
+
+    For decoding on XLA:CPU: inside the token loop a stacked decoder reads each layer's weights as a
+    slice of the stack, which XLA:CPU copies at every token (all decoder weights per token, measured
+    about 10% of a BART-base decoding call); per-layer arrays are read in place. The cost is a second
+    copy of the decoder layers' weights, and a decode program whose compile time grows with depth.
+    """
+    param_dtype = model.shared.embedding.dtype
+    twin = nnx.eval_shape(lambda: Bart(model.config, rngs=nnx.Rngs(0), dtype=model.dtype, param_dtype=param_dtype,
+                                       remat=model.decoder.remat, stacked_decoder=False))  # fmt: skip
+    values = nnx.to_pure_dict(nnx.state(model))
+    stacked_layers = values["decoder"]["layers"]
+    values["decoder"]["layers"] = {i: jax.tree.map(lambda a: a[i], stacked_layers) for i in range(model.config.decoder_layers)}
+    state = nnx.state(twin)
+    nnx.replace_by_pure_dict(state, values)
+    nnx.update(twin, state)
+    return twin

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import jax
 from flax import nnx
 
-from rag_jax.models.bart import Bart
+from rag_jax.models.bart import Bart, unstacked_decoder
 from rag_jax.models.configs import BartConfig
 
 
@@ -30,6 +31,7 @@ class Generator:
     source_path: str | None = None
     _logits_jit: object = dataclasses.field(default=None, init=False, repr=False, compare=False)
     _split: tuple = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _decode_split: tuple = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def split(self) -> tuple[nnx.GraphDef, nnx.State]:
         """``nnx.split(self.model)``, traversed once per model (the traversal is milliseconds of Python per
@@ -40,6 +42,20 @@ class Generator:
         if self._split is None or self._split[0] is not self.model:
             self._split = (self.model, *nnx.split(self.model))
         return self._split[1:]
+
+    def decode_split(self) -> tuple[nnx.GraphDef, nnx.State]:
+        """The graph and state decoding runs on: ``split()``'s, except on CPU, where the decoder's layers
+        are unstacked (``rag_jax.models.bart.unstacked_decoder``: read in place at every token, at the cost
+        of a copy of their weights). Made once per set of weights: rebuilt when any parameter array is
+        replaced (``nnx.update``, training), never stale."""
+        graphdef, state = self.split()
+        if jax.default_backend() != "cpu":
+            return graphdef, state
+        leaves = jax.tree.leaves(state)
+        cached = self._decode_split
+        if cached is None or len(cached[0]) != len(leaves) or any(r() is not a for r, a in zip(cached[0], leaves)):
+            self._decode_split = cached = ([weakref.ref(a) for a in leaves], *nnx.split(unstacked_decoder(self.model)))
+        return cached[1:]
 
     def logits(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> jax.Array:
         """Float32 ``[B, T, V]`` logits of a deterministic forward pass, jitted (compiled once per shape)."""

@@ -659,5 +659,5 @@ def generate_seq2seq(
     )  # fmt: skip
     opts.check(generator.config.vocab_size, generator.config.max_position_embeddings)
     ids_Bx1xS, mask_Bx1xS = (as_dtype(x, np.int32)[:, None] for x in (input_ids, attention_mask))
-    result = rag_token_search(*generator.split(), ids_Bx1xS, mask_Bx1xS, None, opts)
+    result = rag_token_search(*generator.decode_split(), ids_Bx1xS, mask_Bx1xS, None, opts)
     return hf_layout(result.sequences_BxNxL, result.lengths_BxN, opts.num_return_sequences)

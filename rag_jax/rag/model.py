@@ -307,7 +307,7 @@ class RagModel:
         doc_scores_BxK = as_dtype(doc_scores, np.float32)
         if doc_scores_BxK.shape != ids_BxKxS.shape[:2]:
             raise ValueError(f"doc_scores has shape {doc_scores_BxK.shape}, expected {ids_BxKxS.shape[:2]} (B, n_docs)")
-        graphdef, state = self.generator.split()
+        graphdef, state = self.generator.decode_split()
         if variant == "token":
             result = rag_token_search(graphdef, state, ids_BxKxS, mask_BxKxS, doc_scores_BxK, opts)
             return hf_layout(result.sequences_BxNxL, result.lengths_BxN, opts.num_return_sequences)

@@ -17,7 +17,7 @@ from flax import nnx
 from rag_jax.hf.bart import TIED_ALIASES, bart_from_hf, bart_state_to_hf, key_table
 from rag_jax.hf.generator import load_generator, save_generator_hf
 from rag_jax.hf.io import CheckpointKeyError, read_config, read_state_dict
-from rag_jax.models.bart import Attention, Bart, count_params, take_decoder_rows
+from rag_jax.models.bart import Attention, Bart, count_params, take_decoder_rows, unstacked_decoder
 from rag_jax.models.configs import BartConfig
 from rag_jax.models.remat import REMAT_POLICIES
 
@@ -202,9 +202,14 @@ def gelu(hf_folders, inputs):
     return generator.model, generator.logits(*inputs), generator.model.encode(ids, mask)
 
 
-def test_cached_decoding_token_by_token_in_while_loop(gelu, inputs):
+@pytest.mark.parametrize("layers", ["stacked", "unstacked"])
+def test_cached_decoding_token_by_token_in_while_loop(gelu, inputs, layers):
     model, full, enc = gelu
     _, mask, dec, dec_mask = inputs
+    if layers == "unstacked":  # decoding on CPU: the decoder layers as a list, each with its own weights
+        model = unstacked_decoder(model)
+        shared, original = (jax.tree.leaves(nnx.state(m.shared))[0] for m in (model, gelu[0]))
+        assert len(model.decoder.layers) == 2 and shared is original  # not decoder layers: shared, not copied
     cache = model.init_cache(enc, mask, max_length=8)
     stepped, index = _decode_loop(*nnx.split(model), cache, dec, dec_mask)
     np.testing.assert_array_equal(index, [6, 6, 6])
@@ -492,3 +497,15 @@ def test_bart_large_shapes_without_allocating():
     flat = dict(nnx.to_flat_state(nnx.state(abstract)))
     ours = {k: e.hf_shape(flat[e.path].shape) for k, e in key_table(nnx.state(abstract)).items()}
     assert ours == hf_shapes
+
+
+def test_decode_split_is_unstacked_on_cpu_and_follows_new_weights(hf_folders, inputs):
+    generator = load_generator(hf_folders["gelu"][1])
+    graphdef, state = generator.decode_split()
+    assert isinstance(nnx.merge(graphdef, state).decoder.layers, nnx.List)  # this host is a CPU
+    assert generator.decode_split()[1] is state  # made once per set of weights
+    bias = generator.model.final_logits_bias
+    bias[...] = bias[...] + 1.0  # a parameter array replaced in place: rebuilt, not stale
+    _, new_state = generator.decode_split()
+    assert new_state is not state
+    np.testing.assert_allclose(new_state["final_logits_bias"][...], np.asarray(bias[...]))
