@@ -74,9 +74,26 @@ def per_doc_logits(
     """Generator logits ``[B, K, T, V]`` (float32) for every (example, document) pair.
 
     ``jax.vmap`` over the document axis; with ``dropout_key`` each document gets its own dropout
-    mask (training), without it the pass is deterministic.
+    mask (training), without it the pass is deterministic. Where attention may take cuDNN's fused
+    kernel (``rag_jax.models.attention.FUSED_PLATFORMS``), the documents are instead rows of one batch
+    of B * K, example-major, (decoder inputs repeated K times): the kernel's vmap rule merges the
+    document axis in front of the batch axis, which, the batch being split over devices, GSPMD
+    all-gathered (x 39 the collective bytes of an H100 x8 train step). Dropout then draws one mask over
+    all rows, so its random stream differs from the vmap's.
     """
-    k = context_input_ids_BxKxS.shape[1]
+    b, k, s = context_input_ids_BxKxS.shape
+    if attention.platform() in attention.FUSED_PLATFORMS:
+        def rows(x_BxKx___):
+            return None if x_BxKx___ is None else x_BxKx___.reshape(b * k, *x_BxKx___.shape[2:])
+
+        def repeated(x_BxT):
+            return None if x_BxT is None else jnp.repeat(x_BxT, k, axis=0)
+
+        logits_NxTxV = generator_logits(
+            graphdef, generator_state, rows(context_input_ids_BxKxS), rows(context_attention_mask_BxKxS),
+            repeated(decoder_input_ids_BxT), repeated(decoder_attention_mask_BxT), dropout_key=dropout_key,
+        )  # fmt: skip
+        return logits_NxTxV.reshape(b, k, *logits_NxTxV.shape[1:])
     keys_K = None if dropout_key is None else jax.random.split(dropout_key, k)
 
     def one_doc(ids_BxS, mask_BxS, key):

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 from tiny_models import RAG_CLASSES, VOCAB, tiny_rag
 
 import rag_jax
+from rag_jax.models import attention
 from rag_jax.rag import objective
 from rag_jax.rag.batches import FixedScoreRagBatch
 from rag_jax.rag.model import per_doc_logits, per_example_loss, unflatten_docs
@@ -130,12 +131,17 @@ def test_gradients_match_torch_autograd(pair):
         np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
 
 
-def test_vmapped_logits_equal_a_loop_over_docs(pair):
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_vmapped_logits_equal_a_loop_over_docs(pair, platform):
+    """On a platform with cuDNN's fused attention the documents are rows of one batch instead of a
+    vmap (traced here for "gpu" in float32, which takes XLA's path): the same logits."""
     _, _, model, _ = pair
     n_docs = 3
     ctx_ids, ctx_mask, _, labels = _inputs(n_docs, seed=3)
     graphdef, state = nnx.split(model.generator.model)
-    logits = per_doc_logits(graphdef, state, unflatten_docs(ctx_ids, n_docs), unflatten_docs(ctx_mask, n_docs), labels)
+    with attention.traced_for(platform):
+        logits = per_doc_logits(graphdef, state, unflatten_docs(ctx_ids, n_docs), unflatten_docs(ctx_mask, n_docs),
+                                labels)  # fmt: skip
     loop = [model.generator.logits(ctx_ids[k::n_docs], ctx_mask[k::n_docs], labels) for k in range(n_docs)]
     np.testing.assert_allclose(np.asarray(logits), np.stack(loop, axis=1), atol=1e-5)
 
