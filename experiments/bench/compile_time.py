@@ -10,6 +10,8 @@ allocated), float32:
   plain dict).
 * ``decode``: RAG-Token greedy search, ``decoding.rag_token_search`` (encoder once, then the
   ``lax.while_loop`` over tokens with the KV cache), same B, K, S, ``max_length`` T.
+* ``decode_cpu``: the same search on the model decoding runs on CPU (``Generator.decode_split``: the
+  decoder's layers unstacked, a Python loop in the token loop, so this one grows with depth).
 
 The generator is BART-large (d_model 1024, 16 heads, FFN 4096, vocab 50265) with ``--layers`` encoder
 and as many decoder layers. Prints a markdown table: seconds to trace + lower, seconds for XLA to
@@ -36,9 +38,10 @@ from rag_jax.rag.decoding import SearchOptions, rag_token_search
 from rag_jax.rag.model import per_doc_logits
 
 
-def _abstract_generator(layers: int, remat: str):
+def _abstract_generator(layers: int, remat: str, stacked_decoder: bool = True):
     cfg = BartConfig(encoder_layers=layers, decoder_layers=layers)
-    return cfg, nnx.split(nnx.eval_shape(lambda: Bart(cfg, rngs=nnx.Rngs(0), remat=remat)))
+    model = nnx.eval_shape(lambda: Bart(cfg, rngs=nnx.Rngs(0), remat=remat, stacked_decoder=stacked_decoder))
+    return cfg, nnx.split(model)
 
 
 def _int32(*shape):
@@ -64,13 +67,17 @@ def lower_train(layers: int, b: int, k: int, s: int, t: int, remat: str):
     return jax.jit(jax.value_and_grad(loss)).lower(*args)
 
 
-def lower_decode(layers: int, b: int, k: int, s: int, t: int, remat: str):
-    _, (graphdef, state) = _abstract_generator(layers, remat)
+def lower_decode(layers: int, b: int, k: int, s: int, t: int, remat: str, stacked_decoder: bool = True):
+    _, (graphdef, state) = _abstract_generator(layers, remat, stacked_decoder)
     options = SearchOptions(max_length=t)
     return rag_token_search.lower(graphdef, state, _int32(b, k, s), _int32(b, k, s), _float32(b, k), options)
 
 
-PROGRAMS = {"train": lower_train, "decode": lower_decode}
+def lower_decode_cpu(layers: int, b: int, k: int, s: int, t: int, remat: str):
+    return lower_decode(layers, b, k, s, t, remat, stacked_decoder=False)
+
+
+PROGRAMS = {"train": lower_train, "decode": lower_decode, "decode_cpu": lower_decode_cpu}
 
 
 def measure(program: str, layers: int, repeats: int, **shape) -> dict:

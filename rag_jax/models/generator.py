@@ -17,6 +17,14 @@ def _logits(graphdef, state, input_ids, attention_mask, decoder_input_ids, decod
     return model(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
 
 
+def _ref(x):
+    """A weak reference to ``x`` where it takes one (jax arrays), else a strong one (numpy arrays)."""
+    try:
+        return weakref.ref(x)
+    except TypeError:
+        return lambda: x
+
+
 @dataclasses.dataclass
 class Generator:
     """A BART generator.
@@ -54,7 +62,7 @@ class Generator:
         leaves = jax.tree.leaves(state)
         cached = self._decode_split
         if cached is None or len(cached[0]) != len(leaves) or any(r() is not a for r, a in zip(cached[0], leaves)):
-            self._decode_split = cached = ([weakref.ref(a) for a in leaves], *nnx.split(unstacked_decoder(self.model)))
+            self._decode_split = cached = ([_ref(a) for a in leaves], *nnx.split(unstacked_decoder(self.model)))
         return cached[1:]
 
     def logits(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> jax.Array:
