@@ -15,6 +15,7 @@ Records are written with ``tqdm.write``, so a line logged during a progress bar 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -69,3 +70,18 @@ def configure(level: int | None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", logging.getLevelName(transformers_level).lower())
     if level is None:
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        _start_backends_quietly()
+
+
+def _start_backends_quietly() -> None:
+    """Where libtpu is installed (the test and planning set-up), start jax's backends now with their
+    native start-up notes hidden: on a host without a TPU, libtpu's probe writes its missing accelerator
+    type and worker hostnames to file descriptor 2, past the logging above, at the first jax call."""
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    import jax
+
+    from rag_jax.planning.targets import native_stderr_silenced
+
+    with native_stderr_silenced():
+        jax.devices()

@@ -118,7 +118,7 @@ def _tpu_devices(name: str) -> list:
         raise UserError("TPU planning needs libtpu: pip install -r requirements-aot.txt "
                         '(jax[tpu] at this jax version)') from None  # fmt: skip
     try:
-        with _native_stderr_silenced():
+        with native_stderr_silenced():
             return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
     except Exception as e:  # libtpu's own error type
         raise UserError(f"libtpu cannot describe topology {name!r}: {str(e).splitlines()[0]}") from e
@@ -136,7 +136,7 @@ def _gpu_devices(name: str, count: int) -> list:
 
     proto = resources.files(__package__).joinpath("gpu_targets", f"{name}.txtpb").read_text()
     try:
-        with _native_stderr_silenced():
+        with native_stderr_silenced():
             topology = topologies.get_topology_desc(
                 platform="cuda", topology_name=f"{name}x{count}", target_config=proto, topology=f"1x1x{count}"
             )
@@ -147,7 +147,7 @@ def _gpu_devices(name: str, count: int) -> list:
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced():
+def native_stderr_silenced():
     """The plugins' own start-up notes (written by C++ to file descriptor 2: libtpu's missing
     accelerator type and worker hostnames, which do not matter for compiling) hidden, unless the jax
     logger is at INFO or below (``--verbose``)."""

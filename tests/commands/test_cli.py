@@ -1,7 +1,11 @@
 """The rag-jax command: info and convert on a saved tiny RAG folder; the log level."""
 
+import importlib.util
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 from tiny_models import RAG_CLASSES, tiny_rag
@@ -28,3 +32,12 @@ def test_log_level_from_the_flag_or_the_environment():
     assert verbose_level(True, {"RAG_JAX_LOG_LEVEL": "WARNING"}) == logging.WARNING
     with pytest.raises(ValueError, match="RAG_JAX_LOG_LEVEL='LOUD' is not a logging level"):
         verbose_level(False, {"RAG_JAX_LOG_LEVEL": "loud"})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_quiet_logging_hides_libtpu_start_up_notes_on_a_host_without_a_tpu():
+    code = "from rag_jax.commands import logs; logs.configure(None); import jax; print(jax.devices()[0].platform)"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "cpu", done.stderr[-2000:]
+    assert "TPU_WORKER_HOSTNAMES" not in done.stderr and "accelerator type" not in done.stderr, done.stderr[-2000:]
