@@ -57,12 +57,14 @@ def evaluate(cfg, model: RagModel, examples: list[data.QAExample], *, generator_
                 r.context_input_ids_BxKxS.reshape(B * K, S), r.context_attention_mask_BxKxS.reshape(B * K, S),
                 r.doc_scores_BxK, n_docs=K, decoding=e.decoding, num_beams=e.num_beams, max_length=e.max_length,
             )  # fmt: skip
-            passages = r.passages
+            passages, doc_ids_BxK, doc_scores_BxK = r.passages, np.asarray(r.doc_ids_BxK), np.asarray(r.doc_scores_BxK)
         texts = generator_tokenizer.batch_decode(np.asarray(out), skip_special_tokens=True)
         for i, ex in enumerate(chunk[:n]):
             rec = {"question": ex.question, "answers": list(ex.answers), "prediction": texts[i].strip()}
             if passages is not None:
                 rec["retrieved"] = [p.title for p in passages[i]]
+                rec["retrieved_ids"] = [int(x) for x in doc_ids_BxK[i]]  # corpus rows
+                rec["doc_scores"] = [float(x) for x in doc_scores_BxK[i]]  # the scores decoding used
                 rec["answer_in_top_k"] = metrics.has_answer([p.text for p in passages[i]], ex.answers,
                                                             match=e.answer_match)  # fmt: skip
             records.append(rec)

@@ -94,6 +94,8 @@ def test_train_eval_export_end_to_end(task, tmp_path, capsys):
     with open(result["predictions"]) as f:
         predictions = [json.loads(line) for line in f]
     assert len(predictions) == 4 and all(len(p["retrieved"]) == 2 for p in predictions)
+    for p in predictions:  # the retrieved passages' corpus rows and scores, best first
+        assert len(p["retrieved_ids"]) == len(p["doc_scores"]) == 2 and p["doc_scores"][0] >= p["doc_scores"][1]
 
     # a split in the generation format is scored as one: BLEU-1 and ROUGE-L next to EM / F1
     generation = tmp_path / "test_generation.jsonl"
