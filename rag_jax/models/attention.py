@@ -68,9 +68,9 @@ def right_padded_masks() -> Iterator[None]:
         _right_padded.reset(token)
 
 
-def padding_mask(attention_mask_BxS: jax.Array, *, queries: int = 1, causal: bool = False) -> KeyMask:
-    """The ``KeyMask`` of a ``[B, S]`` attention mask (1: token, 0: padding) for ``queries`` queries
-    per row, optionally causal (then ``queries`` must equal S); with lengths inside ``right_padded_masks()``."""
+def padding_mask(attention_mask_BxS: jax.Array, *, causal: bool = False) -> KeyMask:
+    """The ``KeyMask`` of a ``[B, S]`` attention mask (1: token, 0: padding), optionally causal (then over
+    S queries: each row's own tokens); with lengths inside ``right_padded_masks()``."""
     b, s = attention_mask_BxS.shape
     keep_Bx1x1xS = attention_mask_BxS.astype(bool)[:, None, None, :]
     keep_Bx1xTxS = (keep_Bx1x1xS & jnp.tril(jnp.ones((s, s), bool))[None, None]) if causal else keep_Bx1x1xS

@@ -234,7 +234,8 @@ class Attention(nnx.Module):
         q_BxTxHxK = self.q_proj(x_BxTxD).reshape(b, t, h, dh)
         q_BxTxHxK = (q_BxTxHxK * jnp.asarray(dh**-0.5, q_BxTxHxK.dtype)).astype(k_CxHxSxK.dtype)
         q_CxQxHxK = q_BxTxHxK.reshape(c, -1, h, dh)  # a run of G rows of T queries: G * T queries
-        if not over_cache and use_dot_product_attention(self.dropout_rate, key):  # scale 1: the queries are scaled, as in transformers
+        # scale 1: the queries are scaled, as in transformers
+        if not over_cache and use_dot_product_attention(self.dropout_rate, key):
             k_CxSxHxK, v_CxSxHxK = k_CxHxSxK.transpose(0, 2, 1, 3), v_CxHxSxK.transpose(0, 2, 1, 3)
             out_CxQxHxK = dot_product_attention(q_CxQxHxK, k_CxSxHxK, v_CxSxHxK, mask, scale=1.0)
         else:
@@ -383,7 +384,8 @@ class _Stack(nnx.Module):
     def _scan(self, body, h, xs):
         """``body(layer, h, x) -> (h, y)`` over the layers in order with ``jax.lax.scan``: ``xs`` and the
         returned ``ys`` have a leading layer axis. ``remat`` (a policy name) sets which of each layer's
-        activations are recomputed in the backward pass instead of stored."""
+        activations are recomputed in the backward pass instead of stored. Unstacked layers (a list, see
+        ``unstacked_decoder``: decoding only) run as a Python loop, without remat."""
         if isinstance(self.layers, nnx.List):  # unstacked: a Python loop, each layer's weights read in place
             ys = []
             for i, layer in enumerate(self.layers):
@@ -550,7 +552,7 @@ class Bart(nnx.Module):
         else:
             index_B = cache.index_B
             self_mask = KeyMask(_self_attention_mask(index_B, t, cache.max_length, decoder_attention_mask))
-            cross_mask = KeyMask(cache.encoder_mask_CxS.astype(bool)[:, None, None, :])
+            cross_mask = padding_mask(cache.encoder_mask_CxS)
             cross_kv = (cache.cross_k_LxCxHxSxK, cache.cross_v_LxCxHxSxK)
             self_kv = (cache.self_k_LxBxHxMxK, cache.self_v_LxBxHxMxK)
         tokens_BxTxD = self._embed_tokens(decoder_input_ids_BxT)

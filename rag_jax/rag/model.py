@@ -83,15 +83,13 @@ def per_doc_logits(
     """
     b, k, s = context_input_ids_BxKxS.shape
     if attention.platform() in attention.FUSED_PLATFORMS:
-        def rows(x_BxKx___):
-            return None if x_BxKx___ is None else x_BxKx___.reshape(b * k, *x_BxKx___.shape[2:])
-
         def repeated(x_BxT):
             return None if x_BxT is None else jnp.repeat(x_BxT, k, axis=0)
 
         logits_NxTxV = generator_logits(
-            graphdef, generator_state, rows(context_input_ids_BxKxS), rows(context_attention_mask_BxKxS),
-            repeated(decoder_input_ids_BxT), repeated(decoder_attention_mask_BxT), dropout_key=dropout_key,
+            graphdef, generator_state, context_input_ids_BxKxS.reshape(b * k, s),
+            context_attention_mask_BxKxS.reshape(b * k, s), repeated(decoder_input_ids_BxT),
+            repeated(decoder_attention_mask_BxT), dropout_key=dropout_key,
         )  # fmt: skip
         return logits_NxTxV.reshape(b, k, *logits_NxTxV.shape[1:])
     keys_K = None if dropout_key is None else jax.random.split(dropout_key, k)
