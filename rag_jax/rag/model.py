@@ -242,6 +242,7 @@ class RagModel:
         ``[B, K]``, labels ``[B, T]``. Returns ``[B]``, or the batch sum when ``reduce``. A
         ``FixedScoreRagBatch`` through ``per_example_loss`` (jitted once per setting)."""
         n_docs = n_docs or self.config.n_docs
+        attention.check_right_padded(context_attention_mask, "context_attention_mask")  # a host mask, before the copy
         ids_NxS, mask_NxS, doc_scores_BxK, labels_BxT = map(
             jnp.asarray, (context_input_ids, context_attention_mask, doc_scores, labels)
         )

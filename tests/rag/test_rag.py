@@ -227,3 +227,10 @@ def test_generator_split_is_cached_and_sees_new_weights(tmp_path):
     nnx.update(fresh.generator.model, scaled)  # the scaled weights loaded and split from scratch
     from_scratch = np.asarray(fresh.loss(ctx_ids, ctx_mask, doc_scores, labels, n_docs=2))
     np.testing.assert_allclose(after_update, from_scratch, rtol=1e-6)
+
+
+def test_loss_rejects_a_left_padded_host_mask(pair):
+    _, _, model, _ = pair
+    ctx_ids, ctx_mask, doc_scores, labels = _inputs(model.config.n_docs)
+    with pytest.raises(ValueError, match="context_attention_mask has a token after padding"):
+        model.loss(ctx_ids, ctx_mask[:, ::-1].copy(), doc_scores, labels)
