@@ -21,10 +21,12 @@ from rag_jax.training.step import Trainer
 
 def task_metrics(fmt: str, predictions: list[str], answers: list[tuple[str, ...]], match: str = "string") -> dict:
     """EM and F1 for every task (EM alone when ``match="regex"``: the answers are patterns, as
-    CuratedTrec's); BLEU-1 and ROUGE-L for generation targets; label accuracy for FEVER."""
+    CuratedTrec's); BLEU-1, ROUGE-L and Q-BLEU-1 (for generated questions, Jeopardy) for generation
+    targets; label accuracy for FEVER."""
     result = metrics.qa_metrics(predictions, answers, match=match)
     if fmt == "generation":
-        result.update(bleu1=metrics.bleu1(predictions, answers), rouge_l=metrics.rouge_l(predictions, answers))
+        result.update(bleu1=metrics.bleu1(predictions, answers), rouge_l=metrics.rouge_l(predictions, answers),
+                      q_bleu1=metrics.q_bleu1(predictions, answers))  # fmt: skip
     if fmt == "fever":
         result["label_accuracy"] = metrics.label_accuracy(predictions, answers)
     return result

@@ -26,6 +26,9 @@ may not be empty; a plain string is taken as one answer.
   prediction, divided by 100 (sacrebleu reports 0-100): an identical corpus scores 1.0.
 * ``rouge_l``: rouge-score's ROUGE-L F-measure per example (the best over its references), averaged
   (rouge-score's own scale, 0-1); rouge-score lower-cases and keeps only ``[a-z0-9]`` tokens.
+* ``q_bleu1``: Q-BLEU-1 (Nema & Khapra 2018), the authors' answerability-weighted BLEU-1 for
+  generated questions (Jeopardy); see ``rag_jax.training.qbleu`` for the formula, the weights and
+  how it differs from the authors' script (tokenisation only).
 * ``label_accuracy``: the prediction equals the label after SQuAD normalisation.
 """
 
@@ -41,6 +44,8 @@ from collections.abc import Sequence
 import numpy as np
 import regex
 import sacrebleu
+
+from rag_jax.training import qbleu
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +204,12 @@ def bleu1(predictions: Sequence[str], references: Sequence[Answers]) -> float:
     # streams of predictions with fewer references.
     streams = [[r[i] if i < len(r) else None for r in refs] for i in range(max(map(len, refs)))]
     return sacrebleu.metrics.BLEU(max_ngram_order=1).corpus_score(list(predictions), streams).score / 100
+
+
+def q_bleu1(predictions: Sequence[str], references: Sequence[Answers]) -> float:
+    """Mean Q-BLEU-1 in [0, 1] (``rag_jax.training.qbleu``), each prediction against its best reference."""
+    _pairs(predictions, references, "predictions", "reference lists")
+    return qbleu.mean_q_bleu1(predictions, [_gold(r) for r in references])
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[Answers], *, use_stemmer: bool = False) -> float:

@@ -9,6 +9,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
+from rag_jax.training import metrics, qbleu
 from rag_jax.training.metrics import (
     answer_recall_at_k,
     bleu1,
@@ -166,7 +167,7 @@ def test_task_metrics_follow_the_data_format():
     predictions, answers = ["the cat sat", "supports"], [("the cat sat",), ("SUPPORTS",)]
     assert set(task_metrics("jsonl", predictions, answers)) == {"em", "f1"}
     generation = task_metrics("generation", predictions, answers)
-    assert set(generation) == {"em", "f1", "bleu1", "rouge_l"} and generation["rouge_l"] == pytest.approx(1.0)
+    assert set(generation) == {"em", "f1", "bleu1", "rouge_l", "q_bleu1"} and generation["rouge_l"] == pytest.approx(1.0)
     fever = task_metrics("fever", predictions, answers)
     assert set(fever) == {"em", "f1", "label_accuracy"} and fever["label_accuracy"] == pytest.approx(1.0)
 
@@ -184,3 +185,41 @@ def test_regex_exact_match_is_drqa_match_from_the_start(caplog):
     assert task_metrics("tsv", ["Paris", "Lyon"], [("paris|rome",), ("nice",)], "regex") == {"em": 0.5}
     with pytest.raises(ValueError, match="match must be"):
         task_metrics("tsv", ["a"], [("a",)], "fuzzy")
+
+
+# -- Q-BLEU-1 ---------------------------------------------------------------------------------------
+
+
+def test_q_bleu1_word_types_follow_the_authors_script():
+    words = "What year did Shakespeare write Hamlet ?".split()
+    assert qbleu.question_type_words(words) == ["What", "year"]  # with the word after "what"
+    assert qbleu.named_entity_words(words) == ["Shakespeare", "Hamlet"]  # capitalised, the question word left out
+    assert qbleu.relevant_words(words) == ["write", "?"]  # "?" is dropped by the tokeniser
+    assert qbleu.function_words(words) == ["did"]
+    assert qbleu.tokens("Write, Hamlet?") == ["write", "hamlet"]
+
+
+def test_q_bleu1_by_hand():
+    # coco-caption's sentence BLEU-1: 2 clipped matches of 3 candidate words, brevity penalty against 4
+    assert qbleu.sentence_bleu1(["a", "b", "c"], ["a", "b", "d", "e"]) == pytest.approx(2 / 3 * math.exp(1 - 4 / 3))
+    assert qbleu.sentence_bleu1([], ["a"]) == 0.0
+    # identical questions: BLEU-1 1, every word type present scores 1, an absent one 0 (as in the script)
+    full = "What year did Shakespeare write Hamlet ?"
+    assert metrics.q_bleu1([full], [full]) == pytest.approx(1.0)
+    assert metrics.q_bleu1(["Who wrote Hamlet ?"], ["Who wrote Hamlet ?"]) == pytest.approx(0.7 * 0.9 + 0.3)
+    # the entity matters most: same words but the entity swapped loses its weight of 0.6 x 0.7
+    swapped = metrics.q_bleu1(["What year did Shakespeare write Othello ?"], [full])
+    ner_f1 = 0.5  # precision = recall = 1/2 on the entities
+    bleu = qbleu.sentence_bleu1(qbleu.tokens("What year did Shakespeare write Othello ?"), qbleu.tokens(full))
+    assert swapped == pytest.approx(0.7 * (0.6 * ner_f1 + 0.2 + 0.1 + 0.1) + 0.3 * bleu)
+    # several references: the best one counts
+    assert metrics.q_bleu1(["Who wrote Hamlet ?"], [["Who painted it ?", "Who wrote Hamlet ?"]]) == pytest.approx(0.93)
+    with pytest.raises(ValueError, match="no predictions"):
+        metrics.q_bleu1([], [])
+
+
+def test_generation_metrics_include_q_bleu1():
+    from rag_jax.training.evaluate import task_metrics
+
+    result = task_metrics("generation", ["Who wrote Hamlet ?"], [("Who wrote Hamlet ?",)])
+    assert {"bleu1", "rouge_l", "q_bleu1", "em", "f1"} <= set(result) and result["q_bleu1"] == pytest.approx(0.93)
