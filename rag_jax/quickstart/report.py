@@ -8,25 +8,37 @@ VARIANTS = ("closed_book", "sequence", "token")
 LABELS = {"closed_book": "BART closed-book", "sequence": "RAG-Sequence", "token": "RAG-Token"}
 
 
+# the training curves' panels: (metric key, y label, title, log scale)
+CURVES = (
+    ("train/loss", "training loss (NLL per answer)", "training loss", True),
+    ("dev/em", "dev exact match", "dev EM (held-out people)", False),
+    ("dev/recall_at_k", "dev answer recall@k", "retrieval: dev answer recall@k", False),
+    ("train/retrieval_entropy", "entropy of p(z|x) (nats)", "retrieval: entropy of p(z|x)", False),
+    ("train/distinct_passages", "distinct passages per batch", "retrieval: distinct passages per batch", False),
+)
+
+
 def plot_training_curves(out_png: str, runs: dict[str, str]) -> None:
+    """The runs' curves, one panel per ``CURVES`` entry (a run without a metric, e.g. closed-book's
+    retrieval diagnostics, is left out of that panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (loss_ax, em_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for variant, run_dir in runs.items():
-        records = read_metrics(run_dir)
-        train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
-        dev = [(r["step"], r["dev/em"]) for r in records if "dev/em" in r]
-        loss_ax.plot(*zip(*train), label=LABELS[variant])
-        if dev:
-            em_ax.plot(*zip(*dev), marker="o", label=LABELS[variant])
-    loss_ax.set(xlabel="step", ylabel="training loss (NLL per answer)", title="training", yscale="log")
-    em_ax.set(xlabel="step", ylabel="dev exact match", title="dev EM (held-out people)", ylim=(-0.02, 1.02))
-    for ax in (loss_ax, em_ax):
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    records = {variant: read_metrics(run_dir) for variant, run_dir in runs.items()}
+    for ax, (key, ylabel, title, log_scale) in zip(axes.flat, CURVES):
+        for variant, rows in records.items():
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o" if key.startswith("dev/") else None, label=LABELS[variant])
+        ax.set(xlabel="step", ylabel=ylabel, title=title, yscale="log" if log_scale else "linear")
+        if key in ("dev/em", "dev/recall_at_k"):
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend()
+    axes.flat[-1].axis("off")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)

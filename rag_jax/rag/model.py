@@ -140,6 +140,19 @@ def per_example_loss(
     ``dropout_key`` dropout is on: it splits into a key for the question encoder and one for the
     generator (which draws one per document).
     """
+    return per_example_loss_and_doc_scores(spec, generator, question_encoder, batch, dropout_key, score_scale)[0]
+
+
+def per_example_loss_and_doc_scores(
+    spec: objective.LossSpec,
+    generator: tuple[nnx.GraphDef, nnx.State],
+    question_encoder: QuestionEncoderFn | None,
+    batch: Batch,
+    dropout_key: jax.Array | None = None,
+    score_scale: float | jax.Array = 1.0,
+) -> tuple[jax.Array, jax.Array | None]:
+    """``per_example_loss`` and the doc scores ``[B, K]`` it used (None closed-book), for the
+    training step's retrieval diagnostics."""
     expected = (Seq2SeqBatch,) if spec.variant == "closed_book" else (DenseRagBatch, FixedScoreRagBatch)
     if not isinstance(batch, expected):
         names = " or ".join(t.__name__ for t in expected)
@@ -148,7 +161,7 @@ def per_example_loss(
         return _per_example_loss(spec, generator, question_encoder, batch, dropout_key, score_scale)
 
 
-def _per_example_loss(spec, generator, question_encoder, batch: Batch, dropout_key, score_scale) -> jax.Array:
+def _per_example_loss(spec, generator, question_encoder, batch: Batch, dropout_key, score_scale):
     encoder_key, generator_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     decoder_input_ids_BxT, _, _ = objective.decoder_inputs_and_targets(
         batch.labels_BxT, form=spec.form, pad_token_id=spec.pad_token_id,
@@ -160,7 +173,7 @@ def _per_example_loss(spec, generator, question_encoder, batch: Batch, dropout_k
         )
         return objective.seq2seq_nll(
             logits_BxTxV, batch.labels_BxT, pad_token_id=spec.pad_token_id, epsilon=spec.epsilon, form=spec.form
-        )
+        ), None
     if isinstance(batch, FixedScoreRagBatch):
         doc_scores_BxK = batch.doc_scores_BxK
     elif question_encoder is None:
@@ -174,7 +187,7 @@ def _per_example_loss(spec, generator, question_encoder, batch: Batch, dropout_k
         *generator, batch.context_input_ids_BxKxS, batch.context_attention_mask_BxKxS, decoder_input_ids_BxT,
         dropout_key=generator_key,
     )  # fmt: skip
-    return objective.marginal_nll(spec, logits_BxKxTxV, doc_scores_BxK, batch.labels_BxT)
+    return objective.marginal_nll(spec, logits_BxKxTxV, doc_scores_BxK, batch.labels_BxT), doc_scores_BxK
 
 
 def unflatten_docs(x_NxS: jax.Array, n_docs: int) -> jax.Array:

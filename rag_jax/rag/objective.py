@@ -119,6 +119,14 @@ def doc_log_prior(doc_scores_BxK: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(doc_scores_BxK.astype(_compute_dtype(doc_scores_BxK.dtype)), axis=-1)
 
 
+def prior_entropy(doc_scores_BxK: jax.Array) -> jax.Array:
+    """The entropy of ``p(z|x)`` over the K documents, in nats, per example ``[B]``: 0 when one
+    document takes all the mass, ``log K`` when retrieval cannot tell them apart (a retrieval-collapse
+    diagnostic)."""
+    log_p_BxK = doc_log_prior(doc_scores_BxK)
+    return -jnp.sum(jnp.exp(log_p_BxK) * log_p_BxK, axis=-1)
+
+
 def targets_and_mask(labels_BxT: jax.Array, *, form: Form, pad_token_id: int) -> tuple[jax.Array, jax.Array]:
     """Loss targets ``[B, T]`` and the mask of scored positions (target != pad) for ``form``."""
     labels_BxT = _ignore_index_to_pad(labels_BxT, pad_token_id)

@@ -22,6 +22,10 @@ def closed_book_batch(cfg, generator_tokenizer, examples: list[data.QAExample]) 
                         labels_BxT=label_ids(generator_tokenizer, examples, cfg.data.max_target_length))  # fmt: skip
 
 
-def rag_batch(cfg, retriever, generator_tokenizer, examples: list[data.QAExample], encoder_params) -> RagBatch:
+def rag_batch(cfg, retriever, generator_tokenizer, examples: list[data.QAExample], encoder_params
+              ) -> tuple[RagBatch, int]:  # fmt: skip
+    """The step's batch for ``examples`` and the number of distinct passages retrieved for them (of
+    B x K; a retrieval-collapse diagnostic)."""
     retrieved = retriever.retrieve([ex.question for ex in examples], query_encoder_params=encoder_params)
-    return retriever.train_batch(retrieved, label_ids(generator_tokenizer, examples, cfg.data.max_target_length))
+    labels_BxT = label_ids(generator_tokenizer, examples, cfg.data.max_target_length)
+    return retriever.train_batch(retrieved, labels_BxT), len(np.unique(retrieved.doc_ids_BxK))

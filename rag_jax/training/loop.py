@@ -149,9 +149,11 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     retrieval = {"snapshot": snapshot, "local": _process_local(snapshot)}
 
     def make_batch(chosen, encoder_params):
+        """The step's batch and its diagnostics (the distinct passages retrieved for it)."""
         if closed_book:
-            return closed_book_batch(cfg, generator_tokenizer, chosen)
-        return rag_batch(cfg, retriever, generator_tokenizer, chosen, encoder_params)
+            return closed_book_batch(cfg, generator_tokenizer, chosen), {}
+        batch, distinct = rag_batch(cfg, retriever, generator_tokenizer, chosen, encoder_params)
+        return batch, {"distinct_passages": distinct}
 
     def evaluate_dev(params) -> dict:
         result, _ = evaluate(cfg, trainer.to_model(_process_local(params)), dev_examples,
@@ -171,7 +173,8 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     try:
         while step < t.steps:
             item = next(batches)
-            state, step_metrics = trainer.train_step(state, item.future.result())
+            batch, batch_metrics = item.future.result()
+            state, step_metrics = trainer.train_step(state, batch)
             step += 1
             window_steps += 1
             if step % refresh_every == 0:
@@ -188,8 +191,11 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
             if step % t.log_every == 0 or step == t.steps:
                 rate = window_steps * t.batch_size / max(time.perf_counter() - window_start, 1e-9)
                 loss = float(step_metrics["loss"])
-                writer.write(step, {"loss": loss, "grad_norm": float(step_metrics["grad_norm"]),
-                                    "examples_per_s": rate, "skipped_steps": skipped}, prefix="train")  # fmt: skip
+                logged = {"loss": loss, "grad_norm": float(step_metrics["grad_norm"]), "examples_per_s": rate,
+                          "skipped_steps": skipped, **batch_metrics}  # fmt: skip
+                if "retrieval_entropy" in step_metrics:
+                    logged["retrieval_entropy"] = float(step_metrics["retrieval_entropy"])
+                writer.write(step, logged, prefix="train")
                 bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:.1f}")
                 window_start, window_steps = time.perf_counter(), 0
             bar.update(1)

@@ -35,8 +35,9 @@ from jax.sharding import PartitionSpec as P
 
 from rag_jax.config import TrainConfig
 from rag_jax.models.bart import Bart, param_logical_axes
+from rag_jax.rag import objective
 from rag_jax.rag.batches import Batch
-from rag_jax.rag.model import RagModel, per_example_loss, question_vectors
+from rag_jax.rag.model import RagModel, per_example_loss_and_doc_scores, question_vectors
 from rag_jax.training import sharding
 from rag_jax.training.optim import AdamWState, global_norm, make_optimizer
 
@@ -158,10 +159,13 @@ class Trainer:
 
     def per_example_loss(self, params, batch: Batch, dropout_key) -> jax.Array:
         """Loss per example ``[B]`` (float32); dropout on when ``dropout_key`` is given."""
+        return self._per_example_loss_and_doc_scores(params, batch, dropout_key)[0]
+
+    def _per_example_loss_and_doc_scores(self, params, batch: Batch, dropout_key):
         generator = (self.graphdef, {**params["generator"], **self.buffers})
         question_encoder = self._question_encoder(params["query_encoder"])
-        return per_example_loss(self.loss_spec, generator, question_encoder, batch, dropout_key,
-                                self.score_scale(params))  # fmt: skip
+        return per_example_loss_and_doc_scores(self.loss_spec, generator, question_encoder, batch, dropout_key,
+                                               self.score_scale(params))  # fmt: skip
 
     def score_scale(self, params) -> float | jax.Array:
         """The retrieval score scale: ``exp(params["score_scale"])`` when learned, else the model's."""
@@ -180,32 +184,36 @@ class Trainer:
         )
 
     def _loss_and_grads(self, params, batch, dropout_key):
-        def loss_fn(params):
-            losses_B = self.per_example_loss(params, batch, dropout_key)
-            return jnp.sum(losses_B), losses_B.shape[0]
+        """The summed loss, the gradients, and the summed entropy of p(z|x) (0 closed-book: no retrieval)."""
 
-        (total, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return total, count, grads
+        def loss_fn(params):
+            losses_B, doc_scores_BxK = self._per_example_loss_and_doc_scores(params, batch, dropout_key)
+            entropy = 0.0 if doc_scores_BxK is None else jnp.sum(objective.prior_entropy(doc_scores_BxK))
+            return jnp.sum(losses_B), jax.lax.stop_gradient(entropy)
+
+        (total, entropy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return total, entropy, grads
 
     # -- step ----------------------------------------------------------------------------------
 
     def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         n = self.cfg.grad_accum_steps
         rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        count = jax.tree.leaves(batch)[0].shape[0]
         if n == 1:
-            total, count, grads = self._loss_and_grads(state.params, batch, step_key)
+            total, entropy, grads = self._loss_and_grads(state.params, batch, step_key)
         else:
             micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
             def accumulate(carry, inputs):
-                total, grads = carry
+                total, entropy, grads = carry
                 micro_batch, key = inputs
-                t, _, g = self._loss_and_grads(state.params, micro_batch, key)
-                return (total + t, jax.tree.map(jnp.add, grads, g)), None
+                t, e, g = self._loss_and_grads(state.params, micro_batch, key)
+                return (total + t, entropy + e, jax.tree.map(jnp.add, grads, g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (total, grads), _ = jax.lax.scan(accumulate, (0.0, zeros), (micro, jax.random.split(step_key, n)))
-            count = jax.tree.leaves(batch)[0].shape[0]
+            (total, entropy, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros),
+                                                      (micro, jax.random.split(step_key, n)))  # fmt: skip
         if self.cfg.loss_reduction == "mean":
             grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = global_norm(grads)
@@ -213,6 +221,8 @@ class Trainer:
         skip = ~finite if self.cfg.skip_nonfinite else None  # skipped: the previous parameters and optimizer state
         params, opt_state = self.tx.step(state.params, state.opt_state, grads, skip)
         metrics = {"loss": total / count, "grad_norm": grad_norm, "nonfinite": ~finite}
+        if self.loss_spec.variant != "closed_book":  # the mean entropy of p(z|x) in nats, as the loss saw it
+            metrics["retrieval_entropy"] = entropy / count
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
         return new_state, metrics
 

@@ -80,6 +80,9 @@ def test_train_eval_export_end_to_end(task, tmp_path, capsys):
     records = read_metrics(run_dir)
     assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(v) for v in losses(run_dir).values())
+    for r in (r for r in records if "train/loss" in r):  # retrieval diagnostics: k = 2 documents per question
+        assert 0 <= r["train/retrieval_entropy"] <= np.log(2) + 1e-6
+        assert 1 <= r["train/distinct_passages"] <= 2 * 8  # k x batch size
     dev = [r for r in records if "dev/em" in r]
     assert [r["step"] for r in dev] == [3, 6] and all({"dev/f1", "dev/recall_at_k"} <= set(r) for r in dev)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(run_dir, "tb")))

@@ -276,3 +276,11 @@ def test_static_zero_epsilon_ignores_masked_vocabulary():
         loss_fn = functools.partial(fn, labels_BxT=labels, pad_token_id=PAD, reduce=True, form="paper")
         loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(logits, doc_scores)
         assert np.isfinite(loss) and all(np.all(np.isfinite(grad)) for grad in grads)
+
+
+def test_prior_entropy_bounds():
+    """0 nats when one document takes the mass, log K when the scores cannot tell documents apart."""
+    scores_BxK = jnp.array([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    entropy_B = np.asarray(objective.prior_entropy(scores_BxK))
+    p = np.exp([1.0, 2.0, 3.0, 4.0]) / np.exp([1.0, 2.0, 3.0, 4.0]).sum()
+    np.testing.assert_allclose(entropy_B, [np.log(4), 0.0, -(p * np.log(p)).sum()], atol=1e-6)

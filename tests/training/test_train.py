@@ -415,3 +415,21 @@ def test_automatic_score_scale_is_20_for_a_normalising_encoder_announced_once(ca
     assert "20 * q . d" in record.message and "rag.score_scale" in record.message
     assert "rag.learn_score_scale" in record.message
     assert components.score_scale(with_changes(config, rag={"score_scale": 5.0}), encoder("mean_normalized")) == 5
+
+
+def test_step_reports_the_entropy_of_the_retrieval_prior():
+    """``retrieval_entropy``: the mean entropy of p(z|x) = softmax(doc scores) the loss used (dropout off
+    here, so the scores of the step's parameters), in nats; closed-book steps have none."""
+    trainer = _trainer(_cfg())
+    state = trainer.init_state()
+    batch = _batch()
+    scores_BxK = _unscaled_doc_scores(state.params, batch, trainer.encoder) * trainer.source_model.score_scale
+    p_BxK = np.exp(scores_BxK - scores_BxK.max(-1, keepdims=True))
+    p_BxK /= p_BxK.sum(-1, keepdims=True)
+    expected = -np.mean(np.sum(p_BxK * np.log(p_BxK), axis=-1))
+    _, metrics = trainer.train_step(state, batch)
+    assert float(metrics["retrieval_entropy"]) == pytest.approx(expected, rel=1e-4)
+    assert 0 <= expected <= np.log(K)
+    _, closed_book = _trainer(_cfg(variant="closed_book")).train_step(
+        _trainer(_cfg(variant="closed_book")).init_state(), _batch(closed_book=True))
+    assert "retrieval_entropy" not in closed_book
