@@ -134,9 +134,11 @@ class Runs:
         return self._k_rows[key][1]
 
 
-def train_run(base_cfg, run_dir: str, **sections):
-    """Train (or resume / reuse) a run with ``base_cfg``'s settings changed; returns its model and
-    training seconds (0 when it was already trained)."""
+def train_run(base_cfg, run_dir: str, steps: int = 0, **sections):
+    """Train (or resume / reuse) a run with ``base_cfg``'s settings changed (and ``steps`` training
+    steps where given); returns its model and training seconds (0 when it was already trained)."""
+    if steps:
+        sections["train"] = {**sections.get("train", {}), "steps": steps}
     cfg = with_changes(base_cfg, run_dir=run_dir, **sections)
     trained = any(r["step"] >= cfg.train.steps and "train/loss" in r for r in read_metrics(run_dir))
     start = time.perf_counter()
@@ -207,7 +209,7 @@ def ablate_retriever(runs: Runs, args) -> tuple[dict, str]:
         "dense, after RAG-Token training": [runs.recall(k, trained) for k in TEST_KS],
     }
     bm25_model, train_s = train_run(runs.cfg["token"], os.path.join(args.out, "runs", "token-bm25"),
-                                    corpus={"retriever": "bm25"})  # fmt: skip
+                                    args.train_steps, corpus={"retriever": "bm25"})  # fmt: skip
     models = {
         "RAG-Token trained with dense, tested with dense": runs.evaluate("token"),
         "RAG-Token trained with dense, tested with BM25": runs.evaluate("token", retriever="bm25"),
@@ -227,7 +229,7 @@ def ablate_query_encoder(runs: Runs, args) -> tuple[dict, str]:
     if runs.cfg["token"].train.freeze_query_encoder:
         return {}, "The RAG-Token run froze its question encoder: there is no trained one to compare with.\n"
     frozen_model, train_s = train_run(runs.cfg["token"], os.path.join(args.out, "runs", "token-frozen-qe"),
-                                      train={"freeze_query_encoder": True})  # fmt: skip
+                                      args.train_steps, train={"freeze_query_encoder": True})  # fmt: skip
     rows = {}
     for name, model in (("frozen", frozen_model), ("trained", runs.model("token"))):
         rows[name] = {**runs.evaluate("token", model), f"recall@{k}": runs.recall(k, model.question_encoder.params)}
@@ -248,7 +250,7 @@ def score_scale_model(runs: Runs, args, variant: str, setting: str):
             and runs.model(variant).score_scale == changes["rag"]["score_scale"]):  # fmt: skip
         return runs.model(variant), None
     run_dir = os.path.join(args.out, "runs", f"{variant}-scale-{setting.replace(' ', '-')}")
-    return train_run(cfg, run_dir, **changes)
+    return train_run(cfg, run_dir, args.train_steps, **changes)
 
 
 def ablate_score_scale(runs: Runs, args) -> tuple[dict, str]:
@@ -369,6 +371,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--max-examples", type=int, default=0, help="evaluate on the first N questions (0: all)")
     p.add_argument("--only", nargs="+", choices=ABLATIONS, default=list(ABLATIONS))
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="steps of the ablations' own training runs (0: as many as the given runs; CI's smoke test)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.quickstart:
