@@ -12,6 +12,7 @@ them so: ``rag_jax.training.export``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Union
@@ -95,6 +96,15 @@ def load_rag(path: str | os.PathLike) -> RagModel:
     )
 
 
+def exported_question_encoder(model: RagModel) -> Encoder:
+    """The question encoder as a RAG export holds it: a plain BERT pooled by [CLS] becomes a
+    ``DPRQuestionEncoder`` (no projection: its output is the [CLS] vector, the same numbers), because
+    transformers' RAG retrieves with the question encoder's first output (a ``BertModel``'s would be
+    its hidden states); other kinds as they are."""
+    qe = model.question_encoder
+    return dataclasses.replace(qe, kind="dpr_question") if qe.kind == "bert" else qe
+
+
 def rag_hf_config_dict(model: RagModel, variant: str | None = None) -> dict:
     """The RAG ``config.json``: source fields, our RAG settings, and both nested configs."""
     config = dict(model.hf_config or {})
@@ -103,15 +113,15 @@ def rag_hf_config_dict(model: RagModel, variant: str | None = None) -> dict:
         model_type="rag",
         architectures=[ARCHITECTURES[variant or model.variant]],
         is_encoder_decoder=True,
-        question_encoder=encoder_lib.hf_config_dict(model.question_encoder),
+        question_encoder=encoder_lib.hf_config_dict(exported_question_encoder(model)),
         generator=generator_lib.hf_config_dict(model.generator),
     )
     return config
 
 
 def rag_state_dict(model: RagModel) -> dict[str, np.ndarray]:
-    qe = model.question_encoder
-    params = qe.params if qe.kind == "bert" else {k: v for k, v in qe.params.items() if k != "pooler"}
+    qe = exported_question_encoder(model)  # DPR checkpoints hold no pooler
+    params = {k: v for k, v in qe.params.items() if k != "pooler"}
     state = bert_params_to_hf(params, qe.config, QUESTION_ENCODER_PREFIX + encoder_lib.KINDS[qe.kind][1])
     state.update(bart_state_to_hf(model.generator.model, GENERATOR_PREFIX))
     return state

@@ -10,24 +10,39 @@ transformers' RAG scores documents with ``q . d`` and has no temperature: a run'
 scale (``RagModel.score_scale``) other than 1 is folded into the exported passage embeddings
 (``embeddings/`` then holds ``scale * d(z)``, written, never linked), so transformers' doc scores
 are rag_jax's. The index is the run's: a positive scale ranks the same documents.
+
+For transformers' own retrieval, RAG exports also hold the passages as a ``datasets`` dataset
+(``hf_passages/``: title, text and the exported embeddings, one row per corpus row) and an exact FAISS
+inner-product index of those embeddings (``hf_index.faiss``), so that
+``RagRetriever.from_pretrained(out, index_name="custom", passages_path=out + "/hf_passages",
+index_path=out + "/hf_index.faiss")`` retrieves what rag_jax's exact search retrieves. ``datasets`` and
+``faiss-cpu`` are export-time extras (``pip install 'rag_jax[export]'``); without them the export says
+so and leaves these two out.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import ml_collections
+import numpy as np
+from tqdm import tqdm
 
 from rag_jax.hf.encoder import save_encoder_hf
 from rag_jax.hf.generator import save_generator_hf
 from rag_jax.hf.rag import save_rag_hf
-from rag_jax.retrieval import write_scaled_embeddings
+from rag_jax.retrieval import PassageStore, load_embeddings, write_scaled_embeddings
 from rag_jax.training import components, evaluate
 
+HF_PASSAGES = "hf_passages"
+HF_INDEX = "hf_index.faiss"
+_ROWS_PER_CHUNK = 65_536
 
-def export_run(cfg: ml_collections.ConfigDict, out: str, *, step: int | None = None,
-               link_corpus: bool = False) -> tuple[int, list[str]]:  # fmt: skip
+
+def export_run(cfg: ml_collections.ConfigDict, out: str, *, step: int | None = None, link_corpus: bool = False,
+               progress: bool = True) -> tuple[int, list[str]]:  # fmt: skip
     """Export checkpoint ``step`` (default: the latest) of the run ``cfg`` describes into ``out``.
     Returns the step and notes for the user (what transformers cannot express)."""
     model, step = evaluate.load_trained_model(cfg, step)
@@ -60,7 +75,46 @@ def export_run(cfg: ml_collections.ConfigDict, out: str, *, step: int | None = N
             "unscaled)"
         )  # fmt: skip
     place_corpus(cfg, out, link=link_corpus, score_scale=scale)
+    if cfg.corpus.retriever == "dense":
+        notes.append(write_transformers_retrieval(out, progress=progress))
     return step, notes
+
+
+def write_transformers_retrieval(out: str, *, progress: bool = True) -> str:
+    """``out/hf_passages`` and ``out/hf_index.faiss`` from the exported passages and embeddings (see
+    the module docstring); returns the note for the user: how to load them, or why they are missing."""
+    try:
+        import datasets
+        import faiss
+        import pyarrow as pa
+    except ImportError as e:
+        return (f"no transformers-retrievable copy of the passages ({e.name} is not installed): "
+                "pip install 'rag_jax[export]' (datasets, faiss-cpu) and export again")  # fmt: skip
+    (passages_file,) = [name for name in os.listdir(out) if name.startswith("passages.")]
+    embeddings = load_embeddings(os.path.join(out, "embeddings"))
+    dim = embeddings.shape[1]
+    index = faiss.IndexFlatIP(dim)
+    schema = datasets.Features({"title": datasets.Value("string"), "text": datasets.Value("string"),
+                                "embeddings": datasets.Sequence(datasets.Value("float32"), length=dim)}).arrow_schema  # fmt: skip
+    with PassageStore.open(os.path.join(out, passages_file)) as store, tempfile.TemporaryDirectory() as tmp:
+        if len(store) != len(embeddings):
+            raise ValueError(f"{len(store)} passages but {len(embeddings)} embeddings in {out}")
+        arrow_file = os.path.join(tmp, "passages.arrow")  # written chunk by chunk: the corpus need not fit in memory
+        with pa.OSFile(arrow_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for start in tqdm(range(0, len(store), _ROWS_PER_CHUNK), desc="transformers index", unit="chunk",
+                              disable=not progress):  # fmt: skip
+                stop = min(start + _ROWS_PER_CHUNK, len(store))
+                vectors_NxD = np.ascontiguousarray(embeddings[start:stop], np.float32)
+                index.add(vectors_NxD)
+                passages = store.slice(start, stop)
+                writer.write_batch(pa.RecordBatch.from_arrays([
+                    pa.array([p.title for p in passages], pa.string()), pa.array([p.text for p in passages], pa.string()),
+                    pa.FixedSizeListArray.from_arrays(pa.array(vectors_NxD.reshape(-1)), dim),
+                ], schema=schema))  # fmt: skip
+        datasets.Dataset.from_file(arrow_file).save_to_disk(os.path.join(out, HF_PASSAGES))
+    faiss.write_index(index, os.path.join(out, HF_INDEX))
+    return (f"transformers' retrieval: RagRetriever.from_pretrained({out!r}, index_name='custom', "
+            f"passages_path={os.path.join(out, HF_PASSAGES)!r}, index_path={os.path.join(out, HF_INDEX)!r})")
 
 
 def place_corpus(cfg: ml_collections.ConfigDict, out: str, *, link: bool, score_scale: float = 1.0) -> None:

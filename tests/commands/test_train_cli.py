@@ -136,9 +136,9 @@ def test_train_eval_export_end_to_end(task, tmp_path, capsys):
     retriever = components.build_retriever(cfg, model, *components.tokenizers(cfg), k=2)
     found = retriever.retrieve(["Where was Ada born?", "What is the job of Bo?"], score_scale=model.score_scale)
     exported_BxKxD = np.asarray(load_embeddings(os.path.join(out, "embeddings")))[found.doc_ids_BxK]
-    with torch.no_grad():  # the question encoder is a BertModel pooled by its [CLS] vector, as in rag_jax
+    with torch.no_grad():  # the run's BERT question encoder is exported as a DPRQuestionEncoder: its [CLS] vector
         q_hf = hf.question_encoder(torch.tensor(found.question_input_ids_BxSq),
-                                   attention_mask=torch.tensor(found.question_attention_mask_BxSq))[0][:, 0]  # fmt: skip
+                                   attention_mask=torch.tensor(found.question_attention_mask_BxSq))[0]  # fmt: skip
     doc_scores_hf = np.einsum("bd,bkd->bk", q_hf.numpy(), exported_BxKxD)
     np.testing.assert_allclose(doc_scores_hf, found.doc_scores_BxK, rtol=1e-5, atol=1e-5)
     B, K, S = found.context_input_ids_BxKxS.shape
@@ -150,6 +150,30 @@ def test_train_eval_export_end_to_end(task, tmp_path, capsys):
         theirs = hf(context_input_ids=torch.tensor(ctx_ids), context_attention_mask=torch.tensor(ctx_mask),
                     doc_scores=torch.tensor(doc_scores_hf), labels=torch.tensor(labels), n_docs=K).loss.numpy()  # fmt: skip
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+    # transformers' own retrieval over the exported passages and FAISS index: rag_jax's exact top-k, and
+    # transformers' greedy generate from the question strings gives rag-jax eval's predictions
+    from transformers import RagRetriever
+
+    retriever_hf = RagRetriever.from_pretrained(out, index_name="custom", passages_path=os.path.join(out, "hf_passages"),
+                                                index_path=os.path.join(out, "hf_index.faiss"))  # fmt: skip
+    hf_rag = RagTokenForGeneration.from_pretrained(out, retriever=retriever_hf).eval()
+    questions = [p["question"] for p in predictions]
+    found = retriever.retrieve(questions, score_scale=model.score_scale)
+    exact_BxK = np.argsort(-(found.question_vectors_BxD @ np.asarray(load_embeddings(os.path.join(out, "embeddings"))).T),
+                           axis=1, kind="stable")[:, :2]  # fmt: skip
+    q_ids = retriever_hf.question_encoder_tokenizer(questions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        q_vectors = hf_rag.question_encoder(q_ids["input_ids"], attention_mask=q_ids["attention_mask"])[0].numpy()
+    np.testing.assert_allclose(q_vectors, found.question_vectors_BxD, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        retrieved = retriever_hf(q_ids["input_ids"].numpy(), q_vectors, n_docs=2, return_tensors="np")
+        generated = hf_rag.generate(input_ids=q_ids["input_ids"], attention_mask=q_ids["attention_mask"], n_docs=2,
+                                    num_beams=1, max_length=cfg.eval.max_length)  # fmt: skip
+    np.testing.assert_array_equal(retrieved["doc_ids"], exact_BxK)
+    np.testing.assert_array_equal(found.doc_ids_BxK, exact_BxK)
+    texts = retriever_hf.generator_tokenizer.batch_decode(generated, skip_special_tokens=True)
+    assert [t.strip() for t in texts] == [p["prediction"] for p in predictions]
 
 
 def test_unknown_override_is_an_error(task, tmp_path, capsys):
