@@ -1,10 +1,14 @@
-"""``rag-jax embed`` (encode every passage of a corpus into embedding shards, resumably) and
-``rag-jax build-index`` (build a ScaNN or exact MIPS index over them and save it).
+"""``rag-jax split-corpus`` (documents into DPR-style passages with stable ids), ``rag-jax embed``
+(encode every passage of a corpus into embedding shards, resumably) and ``rag-jax build-index``
+(build a ScaNN or exact MIPS index over them and save it).
 
 ``embed`` wraps ``rag_jax.retrieval.embed_passages``: a progress bar with throughput and ETA; a
 re-run with the same arguments skips the complete shards and gives the same bytes as one
 uninterrupted run; other settings in an existing folder are refused. The encoder folder holds the
-model (DPR context encoder, BertModel or sentence-transformers) and its tokenizer.
+model (DPR context encoder, BertModel or sentence-transformers) and its tokenizer. Across P
+processes (``--process-index i --process-count P`` for independent jobs on a cluster scheduler, or
+by default the processes of a ``jax.distributed`` run) process i embeds shards i, i + P, ...: the
+union is the single-process result, byte for byte, and each process's part resumes on its own.
 """
 
 from __future__ import annotations
@@ -33,23 +37,51 @@ def _embed(args: argparse.Namespace) -> int:
     from rag_jax.hf.encoder import load_encoder
     from rag_jax.retrieval import PassageStore, embed_passages, hf_tokenize_fn
 
+    process_index, process_count = _embed_processes(args)
     with named_by("--passages"):  # before the encoder loads, so a corpus mistake shows at once
         store = PassageStore.open(args.passages, format=args.format, strict=args.strict, progress=True)
     with store:
+        num_shards = -(-len(store) // args.shard_size)
+        shards = None if process_count == 1 else range(process_index, num_shards, process_count)
         encoder = load_encoder(args.encoder, pooling=args.pooling)
         tokenizer = AutoTokenizer.from_pretrained(args.encoder)
         start = time.perf_counter()
         manifest = embed_passages(
             store, encoder.encode, hf_tokenize_fn(tokenizer, args.max_length), args.out,
             batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, input_mode=args.input_mode,
-            encoder_name=os.path.abspath(args.encoder),
+            encoder_name=os.path.abspath(args.encoder), shards=shards,
         )  # fmt: skip
     seconds = time.perf_counter() - start
     state = "complete" if manifest["complete"] else "INCOMPLETE"
+    part = "" if shards is None else f"process {process_index} of {process_count}: its shards done, the job "
     print(f"embedded {manifest['num_passages']} passages -> [{manifest['num_passages']}, {manifest['dim']}] "
-          f"{manifest['dtype']} in {manifest['num_shards']} shard(s), {state}; {seconds:.1f} s this run; "
+          f"{manifest['dtype']} in {manifest['num_shards']} shard(s), {part}{state}; {seconds:.1f} s this run; "
           f"{args.out} ({_mib(_folder_size(args.out))})")  # fmt: skip
-    return 0 if manifest["complete"] else 1
+    return 0 if manifest["complete"] or shards is not None else 1
+
+
+def _embed_processes(args: argparse.Namespace) -> tuple[int, int]:
+    """(index, count) of this process among those sharing the job: the flags, else jax.distributed's."""
+    if args.process_count is None:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    if args.process_count < 1 or not 0 <= (args.process_index or 0) < args.process_count:
+        raise ConfigError(f"must be in [0, {args.process_count}) with --process-count {args.process_count}",
+                          what="--process-index")  # fmt: skip
+    return args.process_index or 0, args.process_count
+
+
+def _split_corpus(args: argparse.Namespace) -> int:
+    from rag_jax.retrieval.split import split_documents
+
+    if args.words < 1:
+        raise ConfigError(f"must be at least 1, got {args.words}", what="--words")
+    counts = split_documents(args.documents, args.out, words=args.words, strict=args.strict)
+    skipped = f", {counts['skipped']} skipped (see the warnings)" if counts["skipped"] else ""
+    print(f"split {counts['documents']} documents into {counts['passages']} passages of up to {args.words} words"
+          f"{skipped} -> {args.out}")  # fmt: skip
+    return 0
 
 
 def _index_build_kwargs(args: argparse.Namespace) -> dict:
@@ -123,7 +155,20 @@ def register(sub) -> None:
     embed.add_argument(
         "--strict", action="store_true", help="fail on the first malformed corpus line instead of skipping it"
     )
+    embed.add_argument("--process-index", type=int, default=None,
+                       help="this job's part when P independent jobs share the embedding (shards i, i+P, ...)")
+    embed.add_argument("--process-count", type=int, default=None,
+                       help="P, the jobs sharing it (default: the processes of a jax.distributed run, else 1)")
     embed.set_defaults(handler=_embed)
+
+    split = sub.add_parser("split-corpus", help="split documents (JSONL, or .txt files) into DPR-style passages "
+                           "of N words with stable ids, as a TSV for `rag-jax embed`")  # fmt: skip
+    split.add_argument("--documents", required=True, help='a JSONL file ({"text", "title", "id"} per line), a .txt '
+                       "file or a folder of .txt files (one document each)")  # fmt: skip
+    split.add_argument("--out", required=True, help="the passages TSV to write (id, text, title)")
+    split.add_argument("--words", type=int, default=100, help="words per passage (default 100, as DPR)")
+    split.add_argument("--strict", action="store_true", help="fail on the first malformed line instead of skipping it")
+    split.set_defaults(handler=_split_corpus)
 
     build = sub.add_parser(
         "build-index", help="build a MIPS index (ScaNN or exact) over an embedding folder and save it"

@@ -108,3 +108,60 @@ def test_build_index_refuses_flags_of_the_other_kind(files):
         run([*base, "--kind", "exact", "--num-leaves", "4"])
     with pytest.raises(ConfigError, match="--reorder-dtype: apply to --kind scann only"):
         run([*base, "--kind", "exact", "--reorder-dtype", "int8"])
+
+
+def test_embed_split_over_independent_processes_equals_one_process(files, capsys):
+    """Two jobs (--process-index 0 / 1 --process-count 2) embed shards 0, 2 and 1: their union is the
+    single-process result byte for byte; the first to finish reports the job incomplete, the second
+    complete, both succeed."""
+    root, corpus, encoder_dir, _ = files
+    whole, split = str(root / "emb-whole"), str(root / "emb-split")
+    assert run(embed_args(corpus, encoder_dir, whole)) == 0
+    assert run(embed_args(corpus, encoder_dir, split) + ["--process-index", "1", "--process-count", "2"]) == 0
+    assert "process 1 of 2: its shards done, the job INCOMPLETE" in capsys.readouterr().out
+    assert sorted(os.listdir(split)) == ["embeddings-00001.npy", "manifest.json"]
+    assert run(embed_args(corpus, encoder_dir, split) + ["--process-index", "0", "--process-count", "2"]) == 0
+    assert "the job complete" in capsys.readouterr().out
+    for s in range(3):
+        assert open(shard_path(split, s), "rb").read() == open(shard_path(whole, s), "rb").read()
+    with pytest.raises(ConfigError, match="--process-index"):
+        run(embed_args(corpus, encoder_dir, split) + ["--process-index", "2", "--process-count", "2"])
+
+
+def test_split_corpus_makes_passages_with_stable_ids(tmp_path, capsys, caplog):
+    docs = tmp_path / "docs.jsonl"
+    long_text = " ".join(f"w{i}" for i in range(250))
+    docs.write_text("\n".join([
+        '{"id": "d1", "title": "Ada", "text": "' + long_text + '"}',
+        '{"title": "Bo", "text": "short\\ttext\\nhere"}',
+        "not json",
+        '{"id": "d1", "title": "Again", "text": "a second d1"}',
+        '{"text": "no title, no id"}',
+    ]) + "\n")  # fmt: skip
+    out = tmp_path / "passages.tsv"
+    assert run(["split-corpus", "--documents", str(docs), "--out", str(out)]) == 0
+    assert "split 3 documents into 5 passages of up to 100 words, 2 skipped" in capsys.readouterr().out
+    assert f"skipped {docs}:3: bad JSON" in caplog.text and f"skipped {docs}:4: a second document" in caplog.text
+    with PassageStore.open(str(out)) as store:
+        passages = store.slice(0, len(store))
+    assert [p.id for p in passages] == ["d1_0", "d1_1", "d1_2", "Bo_0", "5_0"]
+    assert [len(p.text.split()) for p in passages[:3]] == [100, 100, 50] and passages[1].text.startswith("w100 ")
+    assert passages[3].text == "short text here" and passages[3].title == "Bo"
+
+    # ids depend only on their own document: removing another one leaves them as they were
+    docs.write_text('{"title": "Bo", "text": "short text here"}\n')
+    assert run(["split-corpus", "--documents", str(docs), "--out", str(out), "--words", "2"]) == 0
+    with PassageStore.open(str(out)) as store:
+        assert [p.id for p in store.slice(0, len(store))] == ["Bo_0", "Bo_1"]
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "Ada Lovelace.txt").write_text("one two three")
+    (folder / "notes.md").write_text("ignored")
+    assert run(["split-corpus", "--documents", str(folder), "--out", str(out)]) == 0
+    with PassageStore.open(str(out)) as store:
+        assert [(p.id, p.title, p.text) for p in store.slice(0, len(store))] == [("Ada Lovelace_0", "Ada Lovelace",
+                                                                                  "one two three")]  # fmt: skip
+    with pytest.raises(Exception, match="malformed line"):
+        (tmp_path / "bad.jsonl").write_text("not json\n")
+        run(["split-corpus", "--documents", str(tmp_path / "bad.jsonl"), "--out", str(out), "--strict"])
