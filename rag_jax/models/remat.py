@@ -29,9 +29,10 @@ def check_remat(remat: str) -> str:
     return remat
 
 
-def rematerialised(layer_fn, remat: str):
+def rematerialised(layer_fn, remat: str, *, in_scan: bool = True):
     """``layer_fn`` checkpointed by the policy ``remat`` (unchanged for ``"none"``). A scan body is not
-    CSE'd across iterations, so ``prevent_cse`` is off."""
+    CSE'd across iterations, so ``prevent_cse`` is off there; a layer called in a Python loop
+    (``in_scan=False``) keeps it on, or XLA could merge the recomputation with the forward pass."""
     if check_remat(remat) == "none":
         return layer_fn
-    return jax.checkpoint(layer_fn, prevent_cse=False, policy=_SAVEABLE[remat])
+    return jax.checkpoint(layer_fn, prevent_cse=not in_scan, policy=_SAVEABLE[remat])

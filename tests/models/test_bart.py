@@ -17,6 +17,7 @@ from flax import nnx
 from rag_jax.hf.bart import TIED_ALIASES, bart_from_hf, bart_state_to_hf, key_table
 from rag_jax.hf.generator import load_generator, save_generator_hf
 from rag_jax.hf.io import CheckpointKeyError, read_config, read_state_dict
+from rag_jax.models import bart
 from rag_jax.models.bart import Attention, Bart, count_params, take_decoder_rows, unstacked_decoder
 from rag_jax.models.configs import BartConfig
 from rag_jax.models.remat import REMAT_POLICIES
@@ -338,7 +339,13 @@ def _remat_policies(jaxpr) -> list:
     return policies
 
 
-def test_remat_wraps_the_scanned_layer_with_its_policy():
+@pytest.fixture
+def scanned(monkeypatch):
+    """Stacked layers scanned on the CPU too, as on TPU/GPU (the CPU unrolls them: ``bart.UNROLLED_PLATFORMS``)."""
+    monkeypatch.setattr(bart, "UNROLLED_PLATFORMS", ())
+
+
+def test_remat_wraps_the_scanned_layer_with_its_policy(scanned):
     """One rematerialised layer body per stack, inside its scan (not one per layer), with the policy
     named; the backward pass recomputes the matmuls the policy does not save: all of them ("full"),
     the attention products only ("dots_with_no_batch_dims_saveable"), none ("dots_saveable")."""
@@ -372,7 +379,7 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_program_size_does_not_grow_with_depth():
+def test_program_size_does_not_grow_with_depth(scanned):
     """The layers are scanned: a 6+6-layer model lowers (training step and cached decoding step) to
     about the same StableHLO as a 1+1-layer one (only shapes and constants differ)."""
 
@@ -388,6 +395,24 @@ def test_program_size_does_not_grow_with_depth():
 
     shallow, deep = hlo_sizes(1), hlo_sizes(6)
     assert np.all(deep < 1.05 * shallow), (shallow, deep)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_cpu_unrolled_layers_equal_the_scan(remat, monkeypatch):
+    """On the CPU the stacked layers run as a loop over per-layer slices (one split per weight, its
+    gradient one concatenation): the same loss and gradients as the scan, one remat per layer."""
+    cfg = BartConfig(**{**TINY, "decoder_layers": 3}, dropout=0.3, attention_dropout=0.2, activation_dropout=0.1)
+    with jax.default_matmul_precision("highest"):
+        unrolled = jax.jit(jax.value_and_grad(_remat_loss(cfg, remat)[0]))
+        loss, grads = unrolled(_remat_loss(cfg, remat)[1])
+        jaxpr = jax.make_jaxpr(jax.grad(_remat_loss(cfg, remat)[0]))(_remat_loss(cfg, remat)[1]).jaxpr
+        monkeypatch.setattr(bart, "UNROLLED_PLATFORMS", ())
+        scan_loss, scan_grads = jax.jit(jax.value_and_grad(_remat_loss(cfg, remat)[0]))(_remat_loss(cfg, remat)[1])
+    assert float(loss) == pytest.approx(float(scan_loss), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(scan_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert _count_primitives(jaxpr, "scan") == 0
+    assert len(_remat_policies(jaxpr)) == (0 if remat == "none" else cfg.encoder_layers + cfg.decoder_layers)
 
 
 def test_bf16_compute_is_close_to_float32(hf_folders, inputs):
