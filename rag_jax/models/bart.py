@@ -392,8 +392,8 @@ class _Stack(nnx.Module):
         slices of the weights, and in the backward pass its zero-filled gradient stacks and per-layer
         updates of them, as separate copies (BART-base + BERT-base: 0.6 s of a 3.1 s forward + backward,
         experiments/bench/results/profile_mid.md; the training step 10-16% faster unrolled); a split is one copy
-        of the weights, and its gradient one
-        concatenation. The compiled program grows with depth there, as before layers were stacked."""
+        of the weights, and its gradient one concatenation. The compiled program grows with depth there, as
+        before layers were stacked."""
         if isinstance(self.layers, nnx.List):  # unstacked: a Python loop, each layer's weights read in place
             ys = []
             for i, layer in enumerate(self.layers):
