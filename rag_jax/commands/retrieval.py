@@ -36,13 +36,14 @@ def _embed(args: argparse.Namespace) -> int:
 
     from rag_jax.hf.encoder import load_encoder
     from rag_jax.retrieval import PassageStore, embed_passages, hf_tokenize_fn
+    from rag_jax.retrieval.embed import num_shards
 
     process_index, process_count = _embed_processes(args)
     with named_by("--passages"):  # before the encoder loads, so a corpus mistake shows at once
         store = PassageStore.open(args.passages, format=args.format, strict=args.strict, progress=True)
     with store:
-        num_shards = -(-len(store) // args.shard_size)
-        shards = None if process_count == 1 else range(process_index, num_shards, process_count)
+        shards = None if process_count == 1 else range(process_index, num_shards(len(store), args.shard_size),
+                                                       process_count)  # fmt: skip
         encoder = load_encoder(args.encoder, pooling=args.pooling)
         tokenizer = AutoTokenizer.from_pretrained(args.encoder)
         start = time.perf_counter()

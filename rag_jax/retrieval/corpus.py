@@ -88,16 +88,17 @@ def split_into_passages(title: str, text: str, words: int = 100) -> list[Passage
     return [Passage("", title, " ".join(tokens[i : i + words])) for i in range(0, len(tokens), words)]
 
 
-def write_passages_tsv(passages: Iterable[Passage], path: str, first_id: int = 1) -> int:
-    """Write passages as a DPR TSV (header ``id text title``, ids ``first_id, first_id + 1, ...``;
-    csv quoting). Tabs and line breaks inside fields become spaces so every record stays on one
-    line. Returns the number of passages written."""
+def write_passages_tsv(passages: Iterable[Passage], path: str, first_id: int = 1, *, keep_ids: bool = False) -> int:
+    """Write passages as a DPR TSV (header ``id text title``, ids ``first_id, first_id + 1, ...``, or each
+    passage's own id with ``keep_ids``; csv quoting). Tabs and line breaks inside fields become spaces
+    so every record stays on one line. Returns the number of passages written."""
     count = 0
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(["id", "text", "title"])
         for count, p in enumerate(passages, start=1):
-            writer.writerow([first_id + count - 1, " ".join(p.text.split()), " ".join(p.title.split())])
+            passage_id = p.id if keep_ids else first_id + count - 1
+            writer.writerow([passage_id, " ".join(p.text.split()), " ".join(p.title.split())])
     return count
 
 

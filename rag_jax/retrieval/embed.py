@@ -69,6 +69,11 @@ def hf_tokenize_fn(tokenizer, max_length: int) -> TokenizeFn:
     return tokenize
 
 
+def num_shards(num_passages: int, shard_size: int) -> int:
+    """How many row shards of ``shard_size`` an embedding job over ``num_passages`` writes."""
+    return math.ceil(num_passages / shard_size)
+
+
 def shard_path(out_dir: str, shard: int) -> str:
     return os.path.join(out_dir, f"embeddings-{shard:05d}.npy")
 
@@ -95,7 +100,7 @@ def _job_settings(store: PassageStore, batch_size: int, shard_size: int, dtype: 
         "num_passages": len(store),
         "batch_size": batch_size,
         "shard_size": shard_size,
-        "num_shards": math.ceil(len(store) / shard_size),
+        "num_shards": num_shards(len(store), shard_size),
         "dtype": dtype,
         "input_mode": input_mode,
         "encoder_name": encoder_name,

@@ -15,7 +15,6 @@ so is a malformed line (``--strict``: the first one stops the job), with its fil
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from collections.abc import Iterator
 
 from rag_jax.data.lines import BadLine, LineReporter, decode_line, numbered_lines, open_input
 from rag_jax.errors import InputFileError
-from rag_jax.retrieval.corpus import Passage, split_into_passages
+from rag_jax.retrieval.corpus import Passage, split_into_passages, write_passages_tsv
 
 log = logging.getLogger(__name__)
 
@@ -71,27 +70,23 @@ def split_documents(path: str, out: str, *, words: int = 100, strict: bool = Fal
     report = LineReporter(path, strict, log)
     documents = _jsonl_documents(path, report) if path.endswith((".jsonl", ".json")) else _text_documents(path)
     seen: set[str] = set()
-    counts = {"documents": 0, "passages": 0}
-    directory = os.path.dirname(os.path.abspath(out))
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".partial", delete=False, encoding="utf-8",
-                                     newline="") as f:  # fmt: skip
-        try:
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-            writer.writerow(["id", "text", "title"])
-            for lineno, doc_id, title, text in documents:
-                if doc_id in seen:
-                    report(lineno, f"a second document with id {doc_id!r}")
-                    continue
-                seen.add(doc_id)
-                counts["documents"] += 1
-                for n, p in enumerate(split_into_passages(title, text, words)):
-                    passage = Passage(f"{doc_id}_{n}", p.title, p.text)
-                    writer.writerow([passage.id, passage.text, " ".join(passage.title.split())])
-                    counts["passages"] += 1
-        except BaseException:
-            f.close()
-            os.remove(f.name)
-            raise
-    os.replace(f.name, out)
+
+    def passages() -> Iterator[Passage]:
+        for lineno, doc_id, title, text in documents:
+            if doc_id in seen:
+                report(lineno, f"a second document with id {doc_id!r}")
+                continue
+            seen.add(doc_id)
+            for n, p in enumerate(split_into_passages(title, text, words)):
+                yield Passage(f"{doc_id}_{n}", p.title, p.text)
+
+    fd, partial = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".partial")
+    os.close(fd)
+    try:
+        count = write_passages_tsv(passages(), partial, keep_ids=True)
+    except BaseException:
+        os.remove(partial)
+        raise
+    os.replace(partial, out)
     report.summary()
-    return {**counts, "skipped": report.count}
+    return {"documents": len(seen), "passages": count, "skipped": report.count}

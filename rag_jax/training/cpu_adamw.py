@@ -6,7 +6,7 @@ is three loops per parameter (first moment, second moment, the parameter from bo
 its inputs: about 11 passes over a parameter's bytes where one loop makes 7 (read the parameter,
 gradient and both moments, write the parameter and moments). On BART-base + BERT-base (248M float32
 parameters, 2 cores) that was 0.27 s per step against 0.14 s at the memory-traffic bound; the kernel
-takes 0.19 s with the clipping norm's pass (experiments/RESULTS.md). Its results alias the
+takes 0.17 s with the clipping norm's pass (experiments/RESULTS.md). Its results alias the
 parameter and moments, so a donated step updates them in place.
 
 The kernel is compiled on first use with the host's C++ compiler (``$CXX``, else ``c++`` or
@@ -42,7 +42,8 @@ TARGET = "rag_jax_adamw"
 SOURCE = pathlib.Path(__file__).with_name("kernels") / "adamw.cc"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
 """``-fno-math-errno`` lets the loop with its square root vectorize (errno is never read);
-``-ffp-contract=off`` rounds every product and sum as written, as XLA's form of the update does."""
+``-ffp-contract=off`` leaves the multiply-adds the source writes as ``std::fma`` (the ones XLA:CPU
+contracts in its form of the update) as the only fused ones, so the results are XLA's bit for bit."""
 
 
 def cache_dir() -> pathlib.Path:

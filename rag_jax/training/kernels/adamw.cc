@@ -1,8 +1,11 @@
 // AdamW's update of one float32 parameter in one pass over memory, as an XLA FFI handler for the
-// CPU (rag_jax/training/cpu_adamw.py builds, registers and calls it). Per element, in this order and
-// rounding as written (the same expressions as rag_jax.training.optim.adamw_update):
+// CPU (rag_jax/training/cpu_adamw.py builds, registers and calls it). Per element, the expressions of
+// rag_jax.training.optim.adamw_update:
 //   g' = g * factor;  mu' = (1 - b1) g' + b1 mu;  nu' = (1 - b2) g'^2 + b2 nu
 //   p' = p + rate * ((mu' / c1) / (sqrt(nu' / c2) + eps) [+ weight_decay * p])
+// rounded as XLA:CPU computes them: the divisions by the bias corrections c1, c2 as products with
+// their reciprocals (passed in), and the multiply-adds XLA:CPU contracts as std::fma (compiled with
+// -ffp-contract=off, so no others are), which makes the results XLA's bit for bit (tested).
 // The results alias the parameter and moments (the caller declares input_output_aliases), so with
 // donated buffers the update is in place: read p, g, mu, nu and write p, mu, nu once each. A true
 // `skip` leaves them as they are. The elements are split in chunks over XLA's intra-op thread pool.
