@@ -29,6 +29,22 @@ in the corpus, never in a training question.
 Everything is drawn from ``numpy.random.default_rng(seed)`` in a fixed order: the same arguments
 give identical knowledge bases and files.
 
+Aliases (``generate_kb(..., aliases=True)``), the task of end-to-end retriever training (issue
+18): passages write every last name as a code word (``alias_codes``: one made-up pronounceable
+word per name of ``LAST_NAMES``, drawn from the seed), titles included, while questions keep the
+real names: "Where was Ava Brook born?" is answered by "Ava Gedidi was born in Aldhaven." (title
+"Ava Gedidi"; seed 0). A pretrained retriever sees the first name and the asked attribute but no
+last name it knows; it can narrow a question to the passages about that attribute of the people
+sharing the first name (about ``num_entities / 60`` people) and no further, so its recall@k starts
+near ``k / (people with that first name)``: low, but not zero, which end-to-end training needs to
+get a gradient toward the gold passage. Measured with MiniLM (embedding length 32, questions 16),
+1000 people, test questions, answer recall@5 / @20 / @50: 0.18 / 0.60 / 0.86 aliased (seed 0;
+0.23 / 0.62 / 0.83 seed 1) against 0.98 / 1.00 / 1.00 without aliases. Which code stands for which
+name is learnt only from training pairs: train people cover the last names (at 1000 people every
+last name has ~13), held-out people are new first x last combinations of them. Answers are
+unchanged, so the generator still copies them from passages (its tokenizer needs the code words:
+``vocabulary_texts(alias_codes(seed).values())``).
+
 ``modify_facts`` edits the corpus (the paper's index hot-swap): it gives some test people new
 attribute values, re-renders their passages with the same templates, and returns the edited
 knowledge base with the questions whose answers changed.
@@ -39,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -82,6 +99,10 @@ OCCUPATIONS = (
     "surgeon"
 ).split()
 BIRTH_YEARS = tuple(str(y) for y in range(1921, 2001))
+# Code words (aliases) are three consonant-vowel syllables: pronounceable, 6 letters; of such random
+# words about 1 in 2000 is a word of MiniLM's vocabulary (1 in 200 with 5 letters, "Davis").
+ALIAS_CONSONANTS = "bdfgklmnprstvz"
+ALIAS_VOWELS = "aeiou"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,13 +170,20 @@ _BY_NAME = {a.name: a for a in ATTRIBUTES}
 class Entity:
     """A person: ``facts`` maps attribute name -> value; ``statement_templates`` the index of the
     statement template used for each attribute; ``passages`` the attribute names stated in each of
-    the person's passages, in sentence order."""
+    the person's passages, in sentence order; ``alias`` the name the passages write instead of
+    ``name`` (an aliased knowledge base: the last name as its code word), None: the real name."""
 
     name: str
     split: str
     facts: dict[str, str]
     statement_templates: dict[str, int]
     passages: tuple[tuple[str, ...], ...]
+    alias: str | None = None
+
+    @property
+    def written_name(self) -> str:
+        """The name as the person's passages (titles and texts) write it."""
+        return self.alias or self.name
 
     @property
     def first_name(self) -> str:
@@ -180,9 +208,10 @@ class KBQuestion:
 
 @dataclasses.dataclass(frozen=True)
 class KnowledgeBase:
-    """People, their passages (ids ``"1" .. "N"``, in rows ``0 .. N-1``), and the QA splits
-    (``KBQuestion.passage_id`` is the passage stating the answer). ``passage_ids[name]`` are the ids
-    of a person's passages."""
+    """People, their passages (ids ``"1" .. "N"``, in rows ``0 .. N-1``, in the people's order), and
+    the QA splits (``KBQuestion.passage_id`` is the passage stating the answer).
+    ``passage_ids[name]`` are the ids of a person's passages (``name`` the real name, also in an
+    aliased knowledge base, whose titles write the alias)."""
 
     entities: tuple[Entity, ...]
     passages: tuple[Passage, ...]
@@ -197,10 +226,11 @@ class KnowledgeBase:
 
     @property
     def passage_ids(self) -> dict[str, tuple[str, ...]]:
-        out: dict[str, list[str]] = {}
-        for p in self.passages:
-            out.setdefault(p.title, []).append(p.id)
-        return {k: tuple(v) for k, v in out.items()}
+        out, row = {}, 0
+        for e in self.entities:
+            out[e.name] = tuple(p.id for p in self.passages[row : row + len(e.passages)])
+            row += len(e.passages)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,10 +266,11 @@ def _statement(entity: Entity, attribute: str, subject: str) -> str:
 
 
 def passage_texts(entity: Entity) -> list[str]:
-    """The texts of an entity's passages: each names the person in full in its first sentence and
-    by first name afterwards."""
+    """The texts of an entity's passages: each names the person in full (``written_name``) in its
+    first sentence and by first name afterwards."""
+    full = entity.written_name
     return [
-        " ".join(_statement(entity, attr, entity.name if i == 0 else entity.first_name) for i, attr in enumerate(attrs))
+        " ".join(_statement(entity, attr, full if i == 0 else entity.first_name) for i, attr in enumerate(attrs))
         for attrs in entity.passages
     ]
 
@@ -250,7 +281,7 @@ def _render(entities: Sequence[Entity]) -> tuple[tuple[Passage, ...], dict[tuple
     for entity in entities:
         for attrs, text in zip(entity.passages, passage_texts(entity)):
             pid = str(len(passages) + 1)
-            passages.append(Passage(pid, entity.name, text))
+            passages.append(Passage(pid, entity.written_name, text))
             fact_passage.update({(entity.name, a): pid for a in attrs})
     return tuple(passages), fact_passage
 
@@ -262,6 +293,25 @@ def _question(entity: Entity, attribute: str, template: int, passage_id: str) ->
 
 # ---------------------------------------------------------------------------------------------
 # Generation
+
+
+def alias_codes(seed: int = 0) -> dict[str, str]:
+    """The code word of every last name of ``LAST_NAMES`` (in that order), drawn from ``seed``:
+    capitalised words of three consonant-vowel syllables ("Kelovi"), distinct, and none a
+    word of the knowledge base's vocabulary (``vocabulary_texts()``: names, values, template
+    words). Drawn from a random stream apart from ``generate_kb``'s, so turning aliases on changes
+    no other draw."""
+    rng = np.random.default_rng([seed, 18])
+    taken = set(re.findall(r"\w+", " ".join(vocabulary_texts()).lower()))
+    letters = (ALIAS_CONSONANTS, ALIAS_VOWELS) * 3
+    codes = {}
+    for last in LAST_NAMES:
+        code = ""
+        while not code or code in taken:
+            code = "".join(pool[rng.integers(len(pool))] for pool in letters)
+        taken.add(code)
+        codes[last] = code.capitalize()
+    return codes
 
 
 def _check_args(num_entities: int, fractions: tuple[float, float], facts_per_passage, attributes, per_fact: int):
@@ -288,6 +338,7 @@ def generate_kb(
     attributes: Sequence[str] = ATTRIBUTE_NAMES,
     facts_per_passage: int | None = 1,
     train_questions_per_fact: int = 2,
+    aliases: bool = False,
 ) -> KnowledgeBase:
     """A knowledge base of ``num_entities`` fictional people (see the module docstring).
 
@@ -295,6 +346,9 @@ def generate_kb(
     facts are only in the corpus. ``attributes`` picks and orders the facts (``ATTRIBUTE_NAMES``).
     ``facts_per_passage`` sentences to a passage (None: one passage per person).
     ``train_questions_per_fact`` distinct question templates per (train person, attribute).
+    ``aliases``: passages write each last name as its code word (``alias_codes(seed)``; questions
+    keep the real names): the issue-18 task of the module docstring. Off, nothing changes; on, the
+    same people, facts, templates, layouts and questions, only the passages' names differ.
     """
     attributes = tuple(attributes)
     _check_args(num_entities, (dev_fraction, test_fraction), facts_per_passage, attributes, train_questions_per_fact)
@@ -314,6 +368,9 @@ def generate_kb(
         order = tuple(attributes[i] for i in rng.permutation(len(attributes)))
         layout = tuple(order[i : i + per_passage] for i in range(0, len(order), per_passage))
         entities.append(Entity(name, split, facts, templates, layout))
+    if aliases:
+        codes = alias_codes(seed)
+        entities = [dataclasses.replace(e, alias=f"{e.first_name} {codes[e.last_name]}") for e in entities]
     passages, fact_passage = _render(entities)
 
     questions: dict[str, list[KBQuestion]] = {s: [] for s in SPLITS}
@@ -369,15 +426,16 @@ def modify_facts(kb: KnowledgeBase, fraction: float, seed: int = 0) -> FactEdit:
 # Generator tokenizer
 
 
-def vocabulary_texts() -> list[str]:
+def vocabulary_texts(extra_words: Iterable[str] = ()) -> list[str]:
     """Strings holding every word a passage, question or generator context can contain: the name
     and value pools (edited facts included), the templates' words, and the context separators
-    ``/`` and ``//`` (``rag_jax.retrieval.context``)."""
+    ``/`` and ``//`` (``rag_jax.retrieval.context``); then ``extra_words`` (an aliased knowledge
+    base's code words: ``alias_codes(seed).values()``)."""
     texts = [*FIRST_NAMES, *LAST_NAMES, "/ //"]
     for attribute in ATTRIBUTES:
         texts += attribute.values
         texts += [t.format(name="", value="", a="a an") for t in attribute.statements + attribute.questions]
-    return texts
+    return texts + list(extra_words)
 
 
 def generator_tokenizer(texts: Iterable[str] | None = None):
@@ -421,7 +479,7 @@ def write_qa_jsonl(examples: Iterable[KBQuestion], path: str) -> int:
 
 def write_entities_jsonl(kb: KnowledgeBase, path: str) -> None:
     """The ground truth, one person per line: name, split, facts, and the passage stating each fact
-    (what retrieval recall is measured against)."""
+    (what retrieval recall is measured against); in an aliased knowledge base also the alias."""
     _, fact_passage = _render(kb.entities)
     with open(path, "w", encoding="utf-8") as f:
         for e in kb.entities:
@@ -431,6 +489,8 @@ def write_entities_jsonl(kb: KnowledgeBase, path: str) -> None:
                 "facts": e.facts,
                 "fact_passage_ids": {a: fact_passage[(e.name, a)] for a in e.facts},
             }
+            if e.alias is not None:
+                record["alias"] = e.alias
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 

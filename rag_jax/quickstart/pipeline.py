@@ -91,8 +91,10 @@ def pretrain_generator(paths: TaskPaths, out: str, qc: ml_collections.ConfigDict
     """Train the initial generator to reproduce the corpus passages (``closed_book`` on
     ``{"input": "title / text", "target": its first tokens}``) with the training loop; returns the
     folder of the exported generator (the start of every model)."""
+    from transformers import AutoTokenizer
+
     t = qc.run.train
-    tokenizer = knowledge_base.generator_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(paths.generator)  # the task's word-level tokenizer (aliased: with codes)
     data_path = os.path.join(out, "pretrain.jsonl")
     os.makedirs(out, exist_ok=True)
     with open(data_path, "w") as f:

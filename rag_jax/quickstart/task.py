@@ -119,14 +119,19 @@ def _write_kb_keeping_unchanged(kb, directory: str) -> dict[str, str]:
 
 def prepare_task(root: str, *, entities: int, generator: BartConfig, seed: int = 0,
                  encoder: str | BertConfig = "minilm", index: str = "scann", embed_max_length: int = 64,
-                 progress: bool = True) -> TaskPaths:  # fmt: skip
+                 aliases: bool = False, progress: bool = True) -> TaskPaths:  # fmt: skip
     """Write the knowledge base, the model folders, the embeddings and the index under ``root``.
 
     ``generator``: the BART size (its ``vocab_size`` is set from the word-level tokenizer).
     ``encoder``: "minilm" (the offline pretrained MiniLM, or the random fallback when it is absent), a
-    ``BertConfig`` (a random encoder of that size) or an encoder folder."""
-    files = _write_kb_keeping_unchanged(knowledge_base.generate_kb(entities, seed), os.path.join(root, "kb"))
-    tokenizer = knowledge_base.generator_tokenizer()
+    ``BertConfig`` (a random encoder of that size) or an encoder folder.
+    ``aliases``: the aliased knowledge base (passages write last names as code words, the
+    end-to-end retriever training task: ``knowledge_base.generate_kb``); the generator's
+    tokenizer then also knows the code words."""
+    kb = knowledge_base.generate_kb(entities, seed, aliases=aliases)
+    files = _write_kb_keeping_unchanged(kb, os.path.join(root, "kb"))
+    codes = knowledge_base.alias_codes(seed).values() if aliases else ()
+    tokenizer = knowledge_base.generator_tokenizer(knowledge_base.vocabulary_texts(codes))
 
     label = None
     if encoder == "minilm":

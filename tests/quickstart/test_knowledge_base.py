@@ -11,10 +11,13 @@ import pytest
 from rag_jax.data import qa as data
 from rag_jax.quickstart.knowledge_base import (
     ATTRIBUTE_NAMES,
+    LAST_NAMES,
     SPECIAL_TOKENS,
+    alias_codes,
     generate_kb,
     generator_tokenizer,
     modify_facts,
+    vocabulary_texts,
     write_kb,
 )
 from rag_jax.retrieval.corpus import PassageStore, read_passages
@@ -161,6 +164,61 @@ def test_generator_tokenizer_covers_every_word_and_round_trips(kb, tmp_path):
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded(texts[:3])["input_ids"] == tok(texts[:3])["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def aliased():
+    return generate_kb(NUM_ENTITIES, seed=3, facts_per_passage=3, aliases=True)
+
+
+def test_aliases_off_change_nothing_and_on_change_only_the_written_names(kb, aliased, tmp_path):
+    assert generate_kb(NUM_ENTITIES, seed=3, facts_per_passage=3, aliases=False) == kb
+    assert all(e.alias is None and e.written_name == e.name for e in kb.entities)
+    assert generate_kb(NUM_ENTITIES, seed=3, facts_per_passage=3, aliases=True) == aliased  # deterministic
+    assert alias_codes(3) == alias_codes(3) != alias_codes(4)
+    # The same people, facts, templates, layouts and questions: aliasing draws nothing from the KB's stream.
+    assert [dataclasses.replace(e, alias=None) for e in aliased.entities] == list(kb.entities)
+    assert (aliased.train, aliased.dev, aliased.test) == (kb.train, kb.dev, kb.test)
+    assert [p.id for p in aliased.passages] == [p.id for p in kb.passages]
+    assert aliased.passage_ids == kb.passage_ids  # keyed by the real names
+    records = [json.loads(line) for line in open(write_kb(aliased, str(tmp_path / "a"))["entities"])]
+    assert [r["alias"] for r in records] == [e.alias for e in aliased.entities]
+    assert all("alias" not in json.loads(line) for line in open(write_kb(kb, str(tmp_path / "k"))["entities"]))
+
+
+def test_aliased_passages_write_each_last_name_as_one_code(kb, aliased):
+    codes = alias_codes(3)
+    assert list(codes) == list(LAST_NAMES) and len(set(codes.values())) == len(LAST_NAMES)
+    vocabulary = {w.lower() for w in _words(" ".join(vocabulary_texts()))}
+    assert all(re.fullmatch(r"([bdfgklmnprstvz][aeiou]){3}", c.lower()) and c.lower() not in vocabulary
+               for c in codes.values())  # fmt: skip
+    real = set(LAST_NAMES)
+    code_of: dict[str, set[str]] = {}
+    for e in aliased.entities:
+        first, code = e.alias.split()
+        assert first == e.first_name and code == codes[e.last_name]
+        code_of.setdefault(code, set()).add(e.last_name)
+        for p in (aliased.passages[int(i) - 1] for i in aliased.passage_ids[e.name]):
+            assert p.title == e.alias and p.text.split(". ")[0].count(e.alias) == 1
+            assert real.isdisjoint(_words(p.title + " " + p.text)), p
+    assert all(len(last_names) == 1 for last_names in code_of.values())  # each code is one last name
+    for q in aliased.train + aliased.dev + aliased.test:
+        gold = _passage(aliased, q.passage_id)
+        assert q.entity in q.question and q.entity.split()[-1] not in gold.text  # the real name is only asked
+        assert q.answers[0] in _words(gold.text) and q.answers[0] in _words(_passage(kb, q.passage_id).text)
+    edit = modify_facts(aliased, fraction=0.5, seed=1)  # edits keep the aliases
+    assert {p.title for p in edit.changed_passages} <= {e.alias for e in aliased.entities}
+    for q in edit.changed:
+        assert q.answers[0] in _words(_passage(edit.kb, q.passage_id).text)
+
+
+def test_generator_tokenizer_knows_the_code_words(aliased):
+    texts = [p.title + " / " + p.text + " // " + q.question for p, q in zip(aliased.passages, aliased.train)]
+    with_codes = generator_tokenizer(vocabulary_texts(alias_codes(3).values()))
+    for text in texts:
+        assert with_codes.unk_token_id not in with_codes(text)["input_ids"], text
+    assert generator_tokenizer().unk_token_id in generator_tokenizer()(texts[0])["input_ids"]  # the default does not
+    assert len(with_codes) == len(generator_tokenizer()) + len(LAST_NAMES)
 
 
 def test_bad_arguments_are_refused():
