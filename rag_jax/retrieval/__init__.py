@@ -2,7 +2,9 @@
 
 Rows are the one key shared by all three: row ``i`` of a ``PassageStore`` is row ``i`` of the
 embeddings ``embed_passages`` writes and id ``i`` in every index's search results. ``Retriever``
-turns questions into the generator's inputs over one such corpus (``retriever.py``, ``context.py``).
+turns questions into the generator's inputs over one such corpus (``retriever.py``, ``context.py``);
+``IndexGenerations`` holds the corpus re-embedded and re-indexed with snapshots of a document encoder
+in training (``generations.py``).
 """
 
 from rag_jax.retrieval.bm25 import BM25Index
@@ -23,6 +25,7 @@ from rag_jax.retrieval.embed import (
     passage_inputs,
     write_scaled_embeddings,
 )
+from rag_jax.retrieval.generations import IndexGenerations, build_generation, index_kind, snapshot_encode_fn
 from rag_jax.retrieval.index import (
     ExactIndex,
     Index,
@@ -41,6 +44,7 @@ __all__ = [
     "EmbeddingShards",
     "ExactIndex",
     "Index",
+    "IndexGenerations",
     "MalformedLineError",
     "Passage",
     "PassageStore",
@@ -48,17 +52,20 @@ __all__ = [
     "Retriever",
     "ScannIndex",
     "ShardedIndex",
+    "build_generation",
     "build_sharded",
     "context_string",
     "context_strings",
     "embed_passages",
     "exact_search_numpy",
     "hf_tokenize_fn",
+    "index_kind",
     "load_embeddings",
     "load_index",
     "merge_topk",
     "passage_inputs",
     "read_passages",
+    "snapshot_encode_fn",
     "split_into_passages",
     "tokenize_contexts",
     "train_batch",

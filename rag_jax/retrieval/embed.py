@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from typing import Callable, Sequence
 
 import jax
@@ -78,10 +79,13 @@ def shard_path(out_dir: str, shard: int) -> str:
     return os.path.join(out_dir, f"embeddings-{shard:05d}.npy")
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    with open(path + ".tmp", "w") as f:
+def write_json_atomic(path: str, obj: dict) -> None:
+    """Write ``obj`` to ``path`` through a temporary file of this writer's own (processes sharing a
+    job write the same manifest; one shared temporary name would let them clobber each other's)."""
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def _save_shard_atomic(path: str, array: np.ndarray) -> None:
@@ -121,7 +125,7 @@ def _check_or_start_manifest(out_dir: str, settings: dict) -> dict:
         return manifest
     os.makedirs(out_dir, exist_ok=True)
     manifest = {**settings, "dim": None, "complete": False}
-    _write_json_atomic(path, manifest)
+    write_json_atomic(path, manifest)
     return manifest
 
 
@@ -246,7 +250,7 @@ def embed_passages(
 
     complete = all(os.path.exists(shard_path(out_dir, s)) for s in range(settings["num_shards"]))
     manifest = {**settings, "dim": dim, "complete": complete}
-    _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+    write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
     return manifest
 
 
@@ -330,4 +334,4 @@ def write_scaled_embeddings(src_dir: str, dst_dir: str, scale: float) -> None:
     os.makedirs(dst_dir, exist_ok=True)
     for s, shard in enumerate(load_embeddings(src_dir).shards):
         _save_shard_atomic(shard_path(dst_dir, s), (np.asarray(shard, np.float32) * scale).astype(shard.dtype))
-    _write_json_atomic(os.path.join(dst_dir, MANIFEST), {**manifest, "scaled_by": manifest.get("scaled_by", 1.0) * scale})
+    write_json_atomic(os.path.join(dst_dir, MANIFEST), {**manifest, "scaled_by": manifest.get("scaled_by", 1.0) * scale})
