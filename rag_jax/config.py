@@ -42,6 +42,8 @@ from rag_jax.rag import objective
 VARIANTS = ("token", "sequence", "closed_book")
 RETRIEVERS = ("dense", "bm25")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+DOC_ENCODER_MODES = ("frozen", "trained")
+INDEX_REFRESHES = ("none", "full", "rerank")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -70,6 +72,11 @@ def default_config() -> ml_collections.ConfigDict:
         rag="",  # a transformers RAG folder; or the two parts below
         question_encoder="",  # DPR question encoder / BERT / sentence-transformers folder
         generator="",  # BartForConditionalGeneration folder with its tokenizer
+        # the document encoder trained with train.doc_encoder=trained: a DPR context encoder / BERT /
+        # sentence-transformers folder with its tokenizer; "" = the encoder that embedded corpus.embeddings
+        doc_encoder="",
+        share_encoders=False,  # one encoder for questions and documents (Contriever-style; needs doc_encoder=trained)
+        doc_max_length=256,  # document tokens when the step or a re-index encodes passages (`rag-jax embed`'s default)
     )
     c.rag = dict(
         variant="token",  # token | sequence | closed_book
@@ -106,6 +113,18 @@ def default_config() -> ml_collections.ConfigDict:
         remat=ml_collections.FieldReference("none", field_type=object),
         grad_accum_steps=1,
         retrieval_refresh_every=1,  # steps between refreshes of the question encoder used for retrieval
+        # end-to-end retriever training (rag_jax.training.reindex): frozen (the paper) | trained (the step re-encodes
+        # the retrieved passages, so the loss's gradient reaches the document encoder)
+        doc_encoder="frozen",
+        doc_encoder_learning_rate=ml_collections.config_dict.placeholder(float),  # None: learning_rate
+        # none (the stale index throughout) | full (re-embed the corpus and rebuild the index in the background every
+        # reindex_every steps, swapped in reindex_lag steps later) | rerank (retrieve rerank_candidates passages from
+        # the stale index, keep the rag.k the current encoders score highest, inside the step)
+        index_refresh="none",
+        reindex_every=500,
+        reindex_lag=50,
+        reindex_batch_size=128,  # passages per embedding batch of a re-index
+        rerank_candidates=20,
         on_nonfinite="stop",  # stop | skip
         log_every=10,
         eval_every=500,
@@ -289,6 +308,11 @@ class TrainConfig:
     query_encoder_learning_rate: float | None  # None: the optimizer's learning rate
     learn_score_scale: bool  # params["score_scale"] = log(scale), its own optimizer group "score_scale"
     score_scale_learning_rate: float | None  # None: the optimizer's learning rate
+    train_doc_encoder: bool  # the step re-encodes the retrieved passages with a trained document encoder
+    share_encoders: bool  # ... which is the question encoder (params["query_encoder"] encodes both sides)
+    doc_encoder_learning_rate: float | None  # None: the optimizer's learning rate
+    index_refresh: Literal["none", "full", "rerank"]
+    rerank_top_k: int | None  # rerank: the documents the step keeps of the batch's candidates (rag.k); else None
     compute_dtype: Literal["float32", "bfloat16"]
     remat: str  # a policy of rag_jax.models.remat.REMAT_POLICIES
     grad_accum_steps: int
@@ -337,13 +361,41 @@ def dense_rag(config: ml_collections.ConfigDict) -> bool:
     return config.rag.variant != "closed_book" and config.corpus.retriever == "dense"
 
 
+def _check_end_to_end(config: ml_collections.ConfigDict) -> None:
+    """The end-to-end retriever settings agree: a trained document encoder needs dense retrieval; a
+    shared encoder is a trained one (and a trained question encoder); refreshing the index needs a
+    document encoder that changes; rerank retrieves more candidates than it keeps."""
+    t, trained = config.train, config.train.doc_encoder == "trained"
+    if trained and not dense_rag(config):
+        raise ConfigError("trained needs dense retrieval (rag.variant token or sequence, corpus.retriever=dense)",
+                          what="config.train.doc_encoder")  # fmt: skip
+    if config.model.share_encoders and not trained:
+        raise ConfigError("one encoder for both sides is trained with the question encoder: set "
+                          "train.doc_encoder=trained", what="config.model.share_encoders")  # fmt: skip
+    if config.model.share_encoders and t.freeze_query_encoder:
+        raise ConfigError("a shared encoder is the question encoder, which train.freeze_query_encoder freezes",
+                          what="config.model.share_encoders")  # fmt: skip
+    if t.index_refresh != "none" and not trained:
+        raise ConfigError(f"{t.index_refresh!r} re-embeds passages with a document encoder that changes: set "
+                          "train.doc_encoder=trained (or index_refresh=none)", what="config.train.index_refresh")  # fmt: skip
+    if t.index_refresh == "full" and not 0 <= t.reindex_lag < t.reindex_every:
+        raise ConfigError(f"must be in [0, train.reindex_every) (one index built at a time), got {t.reindex_lag} with "
+                          f"reindex_every {t.reindex_every}", what="config.train.reindex_lag")  # fmt: skip
+    if t.index_refresh == "rerank" and t.rerank_candidates <= config.rag.k:
+        raise ConfigError(f"must exceed rag.k={config.rag.k} (the documents kept), got {t.rerank_candidates}",
+                          what="config.train.rerank_candidates")  # fmt: skip
+    if config.model.doc_max_length < 2:
+        raise ConfigError(f"must be >= 2 tokens, got {config.model.doc_max_length}", what="config.model.doc_max_length")
+
+
 def resolve(config: ml_collections.ConfigDict) -> RunSettings:
     """The typed views of ``config`` (values checked; a BM25 retriever freezes the question encoder:
     its scores do not depend on it, and keeps its own score scale: ``rag.learn_score_scale`` applies to
     dense retrieval only)."""
     for field, choices in (("rag.variant", VARIANTS), ("corpus.retriever", RETRIEVERS), ("train.form", objective.FORMS),
                            ("train.loss_reduction", ("mean", "sum")), ("train.compute_dtype", COMPUTE_DTYPES),
-                           ("train.on_nonfinite", ("stop", "skip")), ("eval.answer_match", ("string", "regex"))):  # fmt: skip
+                           ("train.on_nonfinite", ("stop", "skip")), ("eval.answer_match", ("string", "regex")),
+                           ("train.doc_encoder", DOC_ENCODER_MODES), ("train.index_refresh", INDEX_REFRESHES)):  # fmt: skip
         section, name = field.split(".")
         _check_choice(field, config[section][name], choices)
     t = config.train
@@ -352,6 +404,7 @@ def resolve(config: ml_collections.ConfigDict) -> RunSettings:
     if config.rag.score_scale is not None and not config.rag.score_scale > 0:
         raise ConfigError(f"must be positive (or None: automatic), got {config.rag.score_scale}",
                           what="config.rag.score_scale")
+    _check_end_to_end(config)
     optimizer = OptimizerConfig(
         learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.steps,
         end_learning_rate=t.end_learning_rate, decay_power=t.decay_power, weight_decay=t.weight_decay,
@@ -363,6 +416,9 @@ def resolve(config: ml_collections.ConfigDict) -> RunSettings:
         freeze_query_encoder=t.freeze_query_encoder or config.corpus.retriever == "bm25",
         query_encoder_learning_rate=t.query_encoder_learning_rate,
         learn_score_scale=config.rag.learn_score_scale and dense_rag(config), score_scale_learning_rate=t.score_scale_learning_rate,
+        train_doc_encoder=t.doc_encoder == "trained", share_encoders=config.model.share_encoders,
+        doc_encoder_learning_rate=t.doc_encoder_learning_rate, index_refresh=t.index_refresh,
+        rerank_top_k=config.rag.k if t.index_refresh == "rerank" else None,
         compute_dtype=t.compute_dtype, remat=_remat_policy(t.remat),
         grad_accum_steps=t.grad_accum_steps, skip_nonfinite=t.on_nonfinite == "skip", optimizer=optimizer,
         seed=config.seed,

@@ -27,7 +27,7 @@ from rag_jax.models.configs import BartConfig, BertConfig, RagConfig
 from rag_jax.models.encoder import Encoder, pooled_encode
 from rag_jax.models.generator import Generator
 from rag_jax.rag import objective
-from rag_jax.rag.batches import Batch, DenseRagBatch, FixedScoreRagBatch, Seq2SeqBatch
+from rag_jax.rag.batches import Batch, DenseRagBatch, DocTokensRagBatch, FixedScoreRagBatch, Seq2SeqBatch
 from rag_jax.rag.decoding import (
     Decoding,
     SearchOptions,
@@ -118,6 +118,42 @@ def doc_scores_from_embeddings(
 
 QuestionEncoderFn = Callable[..., jax.Array]
 """``(question_input_ids_BxQ, question_attention_mask_BxQ, *, dropout_key) -> question vectors [B, D]``."""
+DocEncoderFn = Callable[..., jax.Array]
+"""``(doc_input_ids_NxP, doc_attention_mask_NxP, *, dropout_key) -> document vectors [N, D]``."""
+
+
+def doc_vectors(doc_encoder: DocEncoderFn, doc_input_ids_BxKxP, doc_attention_mask_BxKxP, dropout_key=None) -> jax.Array:
+    """The documents' vectors ``[B, K, D]``: the B * K documents encoded as one batch."""
+    b, k, p = doc_input_ids_BxKxP.shape
+    vectors_NxD = doc_encoder(jnp.reshape(doc_input_ids_BxKxP, (b * k, p)),
+                              jnp.reshape(doc_attention_mask_BxKxP, (b * k, p)), dropout_key=dropout_key)  # fmt: skip
+    return vectors_NxD.reshape(b, k, -1)
+
+
+def rerank_candidates(question_vectors_BxD: jax.Array, doc_vectors_BxLxD: jax.Array, k: int) -> jax.Array:
+    """The rows ``[B, k]`` (of the L candidates) of the ``k`` documents with the largest ``q . d``, best
+    first, ties to the lower row (a positive score scale ranks the same)."""
+    return jax.lax.top_k(doc_scores_from_embeddings(question_vectors_BxD, doc_vectors_BxLxD), k)[1]
+
+
+def reranked(batch: DocTokensRagBatch, question_vectors_BxD: jax.Array, doc_encoder: DocEncoderFn,
+             k: int) -> DocTokensRagBatch:  # fmt: skip
+    """``batch`` with its L candidates cut to the ``k`` the current encoders score highest (Atlas's
+    re-rank): every candidate encoded without dropout and without a gradient (the choice is not
+    differentiated; the loss re-encodes the kept ones)."""
+    candidates_BxLxD = jax.lax.stop_gradient(
+        doc_vectors(doc_encoder, batch.doc_input_ids_BxKxP, batch.doc_attention_mask_BxKxP))
+    keep_BxK = rerank_candidates(jax.lax.stop_gradient(question_vectors_BxD), candidates_BxLxD, k)
+
+    def kept(x_BxLxS):
+        return jnp.take_along_axis(jnp.asarray(x_BxLxS), keep_BxK[:, :, None], axis=1)
+
+    return dataclasses.replace(
+        batch, doc_input_ids_BxKxP=kept(batch.doc_input_ids_BxKxP),
+        doc_attention_mask_BxKxP=kept(batch.doc_attention_mask_BxKxP),
+        context_input_ids_BxKxS=kept(batch.context_input_ids_BxKxS),
+        context_attention_mask_BxKxS=kept(batch.context_attention_mask_BxKxS),
+    )  # fmt: skip
 
 
 def per_example_loss(
@@ -127,6 +163,9 @@ def per_example_loss(
     batch: Batch,
     dropout_key: jax.Array | None = None,
     score_scale: float | jax.Array = 1.0,
+    *,
+    doc_encoder: DocEncoderFn | None = None,
+    rerank_top_k: int | None = None,
 ) -> jax.Array:
     """The loss per example ``[B]`` (float32) of ``batch`` under ``spec``: decoder inputs from the
     labels, the generator pass (per document for RAG), the doc scores, the objective. The one loss
@@ -136,11 +175,14 @@ def per_example_loss(
     scores a ``DenseRagBatch``'s documents (``doc_scores_from_embeddings``, times ``score_scale``), so
     the gradient reaches it (and the scale); other batches do not use either (None is fine; their
     fixed scores are used as given). The batch type must fit ``spec.variant``:
-    ``Seq2SeqBatch`` for "closed_book", ``DenseRagBatch`` or ``FixedScoreRagBatch`` for RAG. With
-    ``dropout_key`` dropout is on: it splits into a key for the question encoder and one for the
-    generator (which draws one per document).
+    ``Seq2SeqBatch`` for "closed_book", a ``DenseRagBatch``, ``DocTokensRagBatch`` or ``FixedScoreRagBatch``
+    for RAG. A ``DocTokensRagBatch``'s documents are encoded by ``doc_encoder`` (end-to-end retriever
+    training; ``rerank_top_k``: keep that many of its candidates, ``reranked``). With ``dropout_key``
+    dropout is on: it splits into a key for the question encoder (and, split again, the document
+    encoder) and one for the generator (which draws one per document).
     """
-    return per_example_loss_and_doc_scores(spec, generator, question_encoder, batch, dropout_key, score_scale)[0]
+    return per_example_loss_and_doc_scores(spec, generator, question_encoder, batch, dropout_key, score_scale,
+                                           doc_encoder=doc_encoder, rerank_top_k=rerank_top_k)[0]  # fmt: skip
 
 
 def per_example_loss_and_doc_scores(
@@ -150,18 +192,23 @@ def per_example_loss_and_doc_scores(
     batch: Batch,
     dropout_key: jax.Array | None = None,
     score_scale: float | jax.Array = 1.0,
+    *,
+    doc_encoder: DocEncoderFn | None = None,
+    rerank_top_k: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """``per_example_loss`` and the doc scores ``[B, K]`` it used (None closed-book), for the
     training step's retrieval diagnostics."""
-    expected = (Seq2SeqBatch,) if spec.variant == "closed_book" else (DenseRagBatch, FixedScoreRagBatch)
+    expected = (Seq2SeqBatch,) if spec.variant == "closed_book" else (DenseRagBatch, DocTokensRagBatch, FixedScoreRagBatch)
     if not isinstance(batch, expected):
         names = " or ".join(t.__name__ for t in expected)
         raise TypeError(f"a {spec.variant!r} loss takes a {names}, got a {type(batch).__name__}")
     with attention.right_padded_masks():  # the batches' masks are checked right-padded (rag_jax.rag.batches)
-        return _per_example_loss(spec, generator, question_encoder, batch, dropout_key, score_scale)
+        return _per_example_loss(spec, generator, question_encoder, batch, dropout_key, score_scale, doc_encoder,
+                                 rerank_top_k)  # fmt: skip
 
 
-def _per_example_loss(spec, generator, question_encoder, batch: Batch, dropout_key, score_scale):
+def _per_example_loss(spec, generator, question_encoder, batch: Batch, dropout_key, score_scale, doc_encoder,
+                      rerank_top_k):  # fmt: skip
     encoder_key, generator_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     decoder_input_ids_BxT, _, _ = objective.decoder_inputs_and_targets(
         batch.labels_BxT, form=spec.form, pad_token_id=spec.pad_token_id,
@@ -177,12 +224,23 @@ def _per_example_loss(spec, generator, question_encoder, batch: Batch, dropout_k
     if isinstance(batch, FixedScoreRagBatch):
         doc_scores_BxK = batch.doc_scores_BxK
     elif question_encoder is None:
-        raise ValueError("a DenseRagBatch is scored by the question encoder: pass question_encoder")
-    else:
+        raise ValueError(f"a {type(batch).__name__} is scored by the question encoder: pass question_encoder")
+    elif isinstance(batch, DenseRagBatch):
         q_BxD = question_encoder(
             batch.question_input_ids_BxQ, batch.question_attention_mask_BxQ, dropout_key=encoder_key
         )
         doc_scores_BxK = doc_scores_from_embeddings(q_BxD, batch.doc_embeddings_BxKxD, score_scale)
+    elif doc_encoder is None:
+        raise ValueError("a DocTokensRagBatch's documents are encoded by the document encoder: pass doc_encoder")
+    else:
+        encoder_key, doc_key = (None, None) if encoder_key is None else jax.random.split(encoder_key)
+        q_BxD = question_encoder(
+            batch.question_input_ids_BxQ, batch.question_attention_mask_BxQ, dropout_key=encoder_key
+        )
+        if rerank_top_k is not None:
+            batch = reranked(batch, q_BxD, doc_encoder, rerank_top_k)
+        d_BxKxD = doc_vectors(doc_encoder, batch.doc_input_ids_BxKxP, batch.doc_attention_mask_BxKxP, doc_key)
+        doc_scores_BxK = doc_scores_from_embeddings(q_BxD, d_BxKxD, score_scale)
     logits_BxKxTxV = per_doc_logits(
         *generator, batch.context_input_ids_BxKxS, batch.context_attention_mask_BxKxS, decoder_input_ids_BxT,
         dropout_key=generator_key,
@@ -214,6 +272,7 @@ class RagModel:
     variant: Variant = "token"
     hf_config: dict | None = None
     score_scale: float = 1.0
+    doc_encoder: Encoder | None = None
     # jitted loss functions by (LossSpec, reduce), built once each
     _loss_jits: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 

@@ -23,6 +23,7 @@ from rag_jax.retrieval.embed import (
     hf_tokenize_fn,
     load_embeddings,
     passage_inputs,
+    read_manifest,
     write_scaled_embeddings,
 )
 from rag_jax.retrieval.generations import IndexGenerations, build_generation, index_kind, snapshot_encode_fn
@@ -64,6 +65,7 @@ __all__ = [
     "load_index",
     "merge_topk",
     "passage_inputs",
+    "read_manifest",
     "read_passages",
     "snapshot_encode_fn",
     "split_into_passages",

@@ -294,15 +294,20 @@ class EmbeddingShards:
         return whole if dtype is None else whole.astype(dtype)
 
 
+def read_manifest(out_dir: str) -> dict:
+    """The manifest of an embedding job's folder (its settings: ``encoder_name``, ``input_mode``, ...)."""
+    if not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        raise InputFileError(f"no {MANIFEST}: not a folder written by `rag-jax embed`", where=out_dir)
+    with open(os.path.join(out_dir, MANIFEST)) as f:
+        return json.load(f)
+
+
 def load_embeddings(out_dir: str, mmap: bool = True, store: PassageStore | None = None) -> "EmbeddingShards | np.ndarray":
     """The embeddings an ``embed_passages`` job wrote: with ``mmap`` an ``EmbeddingShards`` over
     memory-mapped shards (nothing read yet), else one ``np.ndarray`` in memory. bfloat16 comes back
     as ``ml_dtypes.bfloat16``. Refuses an incomplete job, and, when ``store`` is given, embeddings
     of another version of the corpus or of another passage count."""
-    if not os.path.isfile(os.path.join(out_dir, MANIFEST)):
-        raise InputFileError(f"no {MANIFEST}: not a folder written by `rag-jax embed`", where=out_dir)
-    with open(os.path.join(out_dir, MANIFEST)) as f:
-        manifest = json.load(f)
+    manifest = read_manifest(out_dir)
     missing = [s for s in range(manifest["num_shards"]) if not os.path.exists(shard_path(out_dir, s))]
     if missing:
         raise InputFileError(f"the embedding job is incomplete: {len(missing)} of {manifest['num_shards']} shards "
@@ -329,8 +334,7 @@ def write_scaled_embeddings(src_dir: str, dst_dir: str, scale: float) -> None:
     """``src_dir``'s embeddings times ``scale`` in ``dst_dir``: the same shards, dtype and manifest (which
     records the factor in ``scaled_by``). E.g. a retrieval score scale folded into the passage vectors,
     for a consumer that scores ``q . d`` with no scale (transformers' RAG)."""
-    with open(os.path.join(src_dir, MANIFEST)) as f:
-        manifest = json.load(f)
+    manifest = read_manifest(src_dir)
     os.makedirs(dst_dir, exist_ok=True)
     for s, shard in enumerate(load_embeddings(src_dir).shards):
         _save_shard_atomic(shard_path(dst_dir, s), (np.asarray(shard, np.float32) * scale).astype(shard.dtype))

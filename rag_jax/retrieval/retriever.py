@@ -58,6 +58,23 @@ class RetrievedBatch:
     context_attention_mask_BxKxS: np.ndarray
     passages: list[list[Passage]]
 
+    def rescored(self, doc_scores_BxL: np.ndarray, k: int) -> "RetrievedBatch":
+        """The ``k`` of these documents with the highest ``doc_scores_BxL`` (new scores for them, e.g. from
+        a document encoder newer than the index), best first, ties to the earlier; their stored
+        embeddings are dropped (they no longer give these scores)."""
+        doc_scores_BxL = np.asarray(doc_scores_BxL, np.float32)
+        keep_BxK = np.argsort(-doc_scores_BxL, axis=1, kind="stable")[:, :k]
+
+        def kept(x_BxL):
+            return np.take_along_axis(x_BxL, keep_BxK.reshape(*keep_BxK.shape, *[1] * (x_BxL.ndim - 2)), axis=1)
+
+        return dataclasses.replace(
+            self, doc_ids_BxK=kept(self.doc_ids_BxK), doc_scores_BxK=kept(doc_scores_BxL), doc_embeddings_BxKxD=None,
+            context_input_ids_BxKxS=kept(self.context_input_ids_BxKxS),
+            context_attention_mask_BxKxS=kept(self.context_attention_mask_BxKxS),
+            passages=[[row[i] for i in keep] for row, keep in zip(self.passages, keep_BxK.tolist())],
+        )  # fmt: skip
+
 
 def train_batch(retrieved: RetrievedBatch, labels_BxT) -> RagBatch:
     """The batch ``rag_jax.training.step.Trainer.train_step`` takes: a ``DenseRagBatch`` (question

@@ -1,11 +1,12 @@
-"""Step batches from QA examples: closed-book (the question alone) and RAG (retrieved contexts)."""
+"""Step batches from QA examples: closed-book (the question alone) and RAG (retrieved contexts; with a
+trained document encoder, the retrieved passages' tokens for it)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from rag_jax.data import qa as data
-from rag_jax.rag.batches import RagBatch, Seq2SeqBatch
+from rag_jax.rag.batches import DocTokensRagBatch, RagBatch, Seq2SeqBatch
 
 
 def label_ids(generator_tokenizer, examples: list[data.QAExample], max_length: int) -> np.ndarray:
@@ -22,10 +23,22 @@ def closed_book_batch(cfg, generator_tokenizer, examples: list[data.QAExample]) 
                         labels_BxT=label_ids(generator_tokenizer, examples, cfg.data.max_target_length))  # fmt: skip
 
 
-def rag_batch(cfg, retriever, generator_tokenizer, examples: list[data.QAExample], encoder_params
-              ) -> tuple[RagBatch, int]:  # fmt: skip
-    """The step's batch for ``examples`` and the number of distinct passages retrieved for them (of
-    B x K; a retrieval-collapse diagnostic)."""
-    retrieved = retriever.retrieve([ex.question for ex in examples], query_encoder_params=encoder_params)
+def rag_batch(cfg, retriever, generator_tokenizer, examples: list[data.QAExample], encoder_params, *,
+              doc_inputs=None, k: int | None = None) -> tuple[RagBatch, int]:  # fmt: skip
+    """The step's batch for ``examples`` (``k`` documents each, default the retriever's) and the number
+    of distinct passages retrieved for them (of B x K; a retrieval-collapse diagnostic). With
+    ``doc_inputs`` (``components.DocInputs``: a trained document encoder) a ``DocTokensRagBatch``."""
+    retrieved = retriever.retrieve([ex.question for ex in examples], k=k, query_encoder_params=encoder_params)
     labels_BxT = label_ids(generator_tokenizer, examples, cfg.data.max_target_length)
-    return retriever.train_batch(retrieved, labels_BxT), len(np.unique(retrieved.doc_ids_BxK))
+    distinct = len(np.unique(retrieved.doc_ids_BxK))
+    if doc_inputs is None:
+        return retriever.train_batch(retrieved, labels_BxT), distinct
+    b, k = retrieved.doc_ids_BxK.shape
+    ids_NxP, mask_NxP = doc_inputs([p for passages in retrieved.passages for p in passages])
+    return DocTokensRagBatch(
+        question_input_ids_BxQ=retrieved.question_input_ids_BxSq,
+        question_attention_mask_BxQ=retrieved.question_attention_mask_BxSq,
+        doc_input_ids_BxKxP=ids_NxP.reshape(b, k, -1), doc_attention_mask_BxKxP=mask_NxP.reshape(b, k, -1),
+        context_input_ids_BxKxS=retrieved.context_input_ids_BxKxS,
+        context_attention_mask_BxKxS=retrieved.context_attention_mask_BxKxS, labels_BxT=labels_BxT.astype(np.int32),
+    ), distinct  # fmt: skip

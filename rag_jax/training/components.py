@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import logging
 import os
+from collections.abc import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -19,21 +20,76 @@ from rag_jax.hf.generator import load_generator
 from rag_jax.hf.rag import load_rag
 from rag_jax.models.encoder import Encoder
 from rag_jax.rag.model import RagModel, automatic_score_scale
-from rag_jax.retrieval import BM25Index, PassageStore, Retriever, load_embeddings, load_index
+from rag_jax.retrieval import (
+    BM25Index,
+    Passage,
+    PassageStore,
+    Retriever,
+    hf_tokenize_fn,
+    load_embeddings,
+    load_index,
+    passage_inputs,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> RagModel:
     """From a transformers RAG folder, or a question encoder folder + a generator folder, with the
-    config's retrieval score scale (``score_scale``)."""
+    config's retrieval score scale (``score_scale``) and, when the document encoder is trained (not
+    shared), the document encoder (``doc_encoder_folder``)."""
     m = _model_config(cfg)
     variant = "token" if cfg.rag.variant == "closed_book" else cfg.rag.variant
     if m.rag:
         model = dataclasses.replace(load_rag(m.rag), variant=variant)
     else:
         model = RagModel(load_encoder(m.question_encoder), load_generator(m.generator), resolve(cfg).rag, variant)
-    return dataclasses.replace(model, score_scale=score_scale(cfg, model.question_encoder))
+    doc_encoder = None
+    if cfg.train.doc_encoder == "trained" and not m.share_encoders:
+        with named_by("config.model.doc_encoder"):
+            doc_encoder = load_encoder(doc_encoder_folder(cfg))
+    return dataclasses.replace(model, score_scale=score_scale(cfg, model.question_encoder), doc_encoder=doc_encoder)
+
+
+def doc_encoder_folder(cfg: ml_collections.ConfigDict) -> str:
+    """``model.doc_encoder``, else the encoder folder that embedded ``corpus.embeddings`` (recorded by
+    the embedding job)."""
+    if cfg.model.doc_encoder:
+        return cfg.model.doc_encoder
+    recorded = read_manifest(cfg.corpus.embeddings).get("encoder_name", "") if cfg.corpus.embeddings else ""
+    if not recorded:
+        raise ConfigError("is empty and the corpus embeddings do not record their encoder: name the document "
+                          "encoder's folder", what="config.model.doc_encoder")  # fmt: skip
+    return recorded
+
+
+def _question_tokenizer_folder(cfg: ml_collections.ConfigDict) -> str:
+    m = _model_config(cfg)
+    return os.path.join(m.rag, "question_encoder_tokenizer") if m.rag else m.question_encoder
+
+
+@dataclasses.dataclass(frozen=True)
+class DocInputs:
+    """How the document encoder reads passages: its tokenizer at ``model.doc_max_length`` tokens
+    (``tokenize``: ``(first, second) -> (ids, mask)``, ``rag_jax.retrieval.embed``'s ``TokenizeFn``) and
+    the embedding job's input mode (``pair``: title and text, as DPR)."""
+
+    tokenize: Callable
+    input_mode: str
+
+    def __call__(self, passages: Sequence[Passage]) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokenize(*passage_inputs(passages, self.input_mode))
+
+
+def doc_inputs(cfg: ml_collections.ConfigDict) -> DocInputs:
+    """The document encoder's ``DocInputs``: its folder's tokenizer, the corpus embeddings' input mode. A
+    new tokenizer per call (transformers' fast tokenizers are not thread-safe)."""
+    from transformers import AutoTokenizer
+
+    folder = _question_tokenizer_folder(cfg) if cfg.model.share_encoders else doc_encoder_folder(cfg)
+    mode = read_manifest(cfg.corpus.embeddings).get("input_mode", "pair") if cfg.corpus.embeddings else "pair"
+    return DocInputs(hf_tokenize_fn(AutoTokenizer.from_pretrained(folder), cfg.model.doc_max_length), mode)
 
 
 def score_scale(cfg: ml_collections.ConfigDict, question_encoder: Encoder) -> float:
@@ -69,12 +125,8 @@ def tokenizers(cfg: ml_collections.ConfigDict):
     from transformers import AutoTokenizer
 
     m = _model_config(cfg)
-    if m.rag:
-        return (
-            AutoTokenizer.from_pretrained(os.path.join(m.rag, "question_encoder_tokenizer")),
-            AutoTokenizer.from_pretrained(os.path.join(m.rag, "generator_tokenizer")),
-        )
-    return AutoTokenizer.from_pretrained(m.question_encoder), AutoTokenizer.from_pretrained(m.generator)
+    generator_folder = os.path.join(m.rag, "generator_tokenizer") if m.rag else m.generator
+    return AutoTokenizer.from_pretrained(_question_tokenizer_folder(cfg)), AutoTokenizer.from_pretrained(generator_folder)
 
 
 def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenizer, *, k: int):

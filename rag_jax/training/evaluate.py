@@ -12,7 +12,8 @@ from tqdm import tqdm
 from rag_jax.config import resolve
 from rag_jax.data import qa as data
 from rag_jax.rag.decoding import generate_seq2seq
-from rag_jax.rag.model import RagModel
+from rag_jax.rag.model import RagModel, doc_scores_from_embeddings
+from rag_jax.retrieval import RetrievedBatch
 from rag_jax.training import checkpointing, metrics, sharding
 from rag_jax.training.batches import closed_book_batch
 from rag_jax.training.components import build_model
@@ -33,11 +34,15 @@ def task_metrics(fmt: str, predictions: list[str], answers: list[tuple[str, ...]
 
 
 def evaluate(cfg, model: RagModel, examples: list[data.QAExample], *, generator_tokenizer, retriever=None,
-             fmt: str = "jsonl", progress: bool = True) -> tuple[dict, list[dict]]:  # fmt: skip
+             fmt: str = "jsonl", progress: bool = True, doc_inputs=None) -> tuple[dict, list[dict]]:  # fmt: skip
     """Generate answers for ``examples`` (``cfg.eval``: k, beams, decoding, batch size) and score them
     (``task_metrics``; with retrieval also ``recall_at_k``: the fraction of questions with a gold
     answer in a retrieved passage). Every batch is padded to ``eval.batch_size`` so one compiled
-    program serves them all. Returns (metrics, per-example records)."""
+    program serves them all. Returns (metrics, per-example records).
+
+    With ``doc_inputs`` (``components.DocInputs``) and a model whose document encoder was trained, the
+    documents are scored as training scored them: the index proposes ``rerank_candidates(cfg)``, the
+    model's encoders score them (``rescored_by_doc_encoder``) and the best ``eval.k`` are kept."""
     e = cfg.eval
     if e.max_examples:
         examples = examples[: e.max_examples]
@@ -52,8 +57,12 @@ def evaluate(cfg, model: RagModel, examples: list[data.QAExample], *, generator_
             out = generate_seq2seq(model.generator, b.input_ids_BxS, b.attention_mask_BxS,
                                    num_beams=e.num_beams, max_length=e.max_length)  # fmt: skip
         else:
-            r = retriever.retrieve([ex.question for ex in chunk], k=e.k, query_encoder_params=model.question_encoder.params,
+            rescore = doc_inputs is not None and model.doc_encoder is not None
+            r = retriever.retrieve([ex.question for ex in chunk], k=rerank_candidates(cfg) if rescore else e.k,
+                                   query_encoder_params=model.question_encoder.params,
                                    score_scale=model.score_scale)  # fmt: skip
+            if rescore:
+                r = rescored_by_doc_encoder(r, model, doc_inputs, e.k)
             B, K, S = r.context_input_ids_BxKxS.shape
             out = model.generate(
                 r.context_input_ids_BxKxS.reshape(B * K, S), r.context_attention_mask_BxKxS.reshape(B * K, S),
@@ -77,10 +86,32 @@ def evaluate(cfg, model: RagModel, examples: list[data.QAExample], *, generator_
     return result, records
 
 
+def rerank_candidates(cfg) -> int:
+    """How many documents the index proposes per question when a trained document encoder rescores
+    them: ``train.rerank_candidates`` with ``index_refresh=rerank``, else ``eval.k``."""
+    return max(cfg.train.rerank_candidates, cfg.eval.k) if cfg.train.index_refresh == "rerank" else cfg.eval.k
+
+
+def rescored_by_doc_encoder(retrieved: RetrievedBatch, model: RagModel, doc_inputs, k: int) -> RetrievedBatch:
+    """``retrieved``'s best ``k`` documents by ``score_scale * q(x) . d(z)`` with the model's (trained)
+    document encoder ``d`` reading their passages (``doc_inputs``)."""
+    b, candidates = retrieved.doc_ids_BxK.shape
+    ids_NxP, mask_NxP = doc_inputs([p for passages in retrieved.passages for p in passages])
+    d_BxLxD = np.asarray(model.doc_encoder.encode(ids_NxP, mask_NxP)).reshape(b, candidates, -1)
+    return retrieved.rescored(doc_scores_from_embeddings(retrieved.question_vectors_BxD, d_BxLxD, model.score_scale),
+                              k)  # fmt: skip
+
+
 def checkpoint_target(trainer: Trainer) -> dict:
-    """The abstract checkpoint of a run: the train state and the retrieval encoder snapshot."""
+    """The abstract checkpoint of a run: the train state, the retrieval encoder snapshot and, with
+    ``index_refresh=full``, the document-encoder snapshots of the index generations in use and being
+    built (``rag_jax.training.reindex``)."""
     abstract = trainer.abstract_state()
-    return {"train": abstract, "retrieval_encoder": abstract.params["query_encoder"]}
+    target = {"train": abstract, "retrieval_encoder": abstract.params["query_encoder"]}
+    if trainer.cfg.index_refresh == "full":
+        doc = trainer.doc_params(abstract.params)
+        target["doc_snapshots"] = {"current": doc, "pending": doc}
+    return target
 
 
 def load_trained_model(cfg: ml_collections.ConfigDict, step: int | None = None) -> tuple[RagModel, int]:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from rag_jax.config import resolve
 from rag_jax.data import qa as data
 from rag_jax.errors import ConfigError, UserError
-from rag_jax.training import checkpointing, sharding
+from rag_jax.training import checkpointing, components, reindex, sharding
 from rag_jax.training.batches import closed_book_batch, rag_batch
 from rag_jax.training.components import build_model, build_retriever, read_split, split_format, tokenizers
 from rag_jax.training.evaluate import checkpoint_target, evaluate
@@ -62,21 +62,20 @@ class _Pending:
     data_state: dict
 
 
-def _step_batches(iterator, examples, make_batch, refresh_every: int, current_encoder, start_step: int
-                  ) -> Iterator[_Pending]:  # fmt: skip
-    """Batches for the steps after ``start_step``. The steps of each window ``(n R, (n + 1) R]`` of
-    ``R = refresh_every`` steps are retrieved in one background thread, ahead of the device, with the
-    encoder ``current_encoder()`` returns when the window starts (windows are aligned to absolute
-    steps, so a resumed run retrieves with the same encoders as an uninterrupted one)."""
+def _step_batches(iterator, examples, make_batch, window_end, retrieval_for, start_step: int) -> Iterator[_Pending]:
+    """Batches for the steps after ``start_step``. The steps of each window ``(s, window_end(s)]`` are
+    retrieved in one background thread, ahead of the device, with what ``retrieval_for(s + 1)`` returns
+    when the window starts (the question encoder and the corpus; windows end at steps that depend on
+    the step alone, so a resumed run retrieves with the same encoders and index as an uninterrupted one)."""
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval")
     step = start_step
     try:
         while True:
-            encoder_params = current_encoder()
+            retrieval = retrieval_for(step + 1)
             window = []
-            for _ in range(refresh_every - step % refresh_every):  # all submitted now, run in order
+            for _ in range(window_end(step) - step):  # all submitted now, run in order
                 chosen = [examples[i] for i in next(iterator)]
-                window.append(_Pending(pool.submit(make_batch, chosen, encoder_params), chosen, iterator.state()))
+                window.append(_Pending(pool.submit(make_batch, chosen, retrieval), chosen, iterator.state()))
                 step += 1
             yield from window
     finally:  # the batch being retrieved is finished, so no thread outlives the loop
@@ -89,6 +88,21 @@ def _process_local(tree):
     if jax.process_count() == 1:
         return tree
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _doc_snapshot(trainer: Trainer, state):
+    """A copy of the document encoder's parameters in ``state`` (the step donates it), usable by this
+    process (a generation's embedding runs on the host's devices)."""
+    return _process_local(jax.tree.map(jnp.copy, trainer.doc_params(state.params)))
+
+
+def _restored_doc_snapshots(schedule: reindex.RefreshSchedule, completed: int, saved: dict) -> dict:
+    """A checkpoint's ``doc_snapshots`` by the generation step each belongs to."""
+    snapshots = {schedule.generation_for(completed + 1): saved["current"]}
+    pending = schedule.pending_at(completed)
+    if pending is not None:
+        snapshots[pending] = saved["pending"]
+    return snapshots
 
 
 def _any_process(flag: bool) -> bool:
@@ -129,6 +143,12 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
         retriever, question_tokenizer=eval_question_tokenizer, generator_tokenizer=eval_generator_tokenizer)
 
     trainer = Trainer(model, settings.train, mesh)
+    # end-to-end retriever training: the retrieved passages' tokens for the trained document encoder (one
+    # tokenizer per thread: retrieval ahead of the step, evaluation, the re-index)
+    doc_trained = settings.train.train_doc_encoder
+    batch_doc_inputs = components.doc_inputs(cfg) if doc_trained else None
+    eval_doc_inputs = components.doc_inputs(cfg) if doc_trained else None
+    retrieve_k = t.rerank_candidates if t.index_refresh == "rerank" else None
     ckpt = checkpointing.Checkpointer(
         os.path.join(cfg.run_dir, "checkpoints"), save_every=t.save_every, keep=t.keep_checkpoints,
         best_metric=(t.best_metric or None) if dev_examples else None,
@@ -147,26 +167,50 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
         log.info("resumed from the checkpoint of step %d in %s", start, ckpt.directory)
     # the encoder retrieval uses: a copy (the step donates its state), refreshed every R steps
     retrieval = {"snapshot": snapshot, "local": _process_local(snapshot)}
+    refresher = None
+    if t.index_refresh == "full":
+        refresher = reindex.run_refresher(cfg, trainer.doc_encoder, _doc_snapshot(trainer, state), retriever,
+                                          components.doc_inputs(cfg))  # fmt: skip
+        if restored is not None:
+            refresher.resume(start, _restored_doc_snapshots(refresher.schedule, start, tree["doc_snapshots"]))
 
-    def make_batch(chosen, encoder_params):
+    def make_batch(chosen, retrieval_now):
         """The step's batch and its diagnostics (the distinct passages retrieved for it)."""
         if closed_book:
             return closed_book_batch(cfg, generator_tokenizer, chosen), {}
-        batch, distinct = rag_batch(cfg, retriever, generator_tokenizer, chosen, encoder_params)
+        encoder_params, step_retriever = retrieval_now
+        batch, distinct = rag_batch(cfg, step_retriever, generator_tokenizer, chosen, encoder_params,
+                                    doc_inputs=batch_doc_inputs, k=retrieve_k)  # fmt: skip
         return batch, {"distinct_passages": distinct}
 
-    def evaluate_dev(params) -> dict:
+    def current_corpus(r, step: int):
+        """``r`` over the corpus generation that retrieves for ``step`` (itself without a refresh)."""
+        return r if refresher is None else r.with_corpus(r.store, *refresher.corpus_for(step))
+
+    def evaluate_dev(params, step: int) -> dict:
         result, _ = evaluate(cfg, trainer.to_model(_process_local(params)), dev_examples,
-                             generator_tokenizer=eval_generator_tokenizer, retriever=eval_retriever, fmt=dev_format,
-                             progress=progress and process_index == 0)  # fmt: skip
+                             generator_tokenizer=eval_generator_tokenizer,
+                             retriever=None if closed_book else current_corpus(eval_retriever, step + 1),
+                             fmt=dev_format, progress=progress and process_index == 0,
+                             doc_inputs=eval_doc_inputs)  # fmt: skip
         return result
 
     refresh_every = max(int(t.retrieval_refresh_every), 1)
     if closed_book or trainer.cfg.freeze_query_encoder:  # retrieval never changes: run it ahead of the steps
         refresh_every = max(refresh_every, LOOKAHEAD_STEPS)
+
+    def window_end(step: int) -> int:
+        """The last step retrieved with the encoder and corpus of step + 1: the end of its R-step window,
+        or earlier, where the index generation changes."""
+        end = (step // refresh_every + 1) * refresh_every
+        return end if refresher is None else min(end, refresher.schedule.next_swap(step))
+
+    def retrieval_for(step: int):
+        return retrieval["local"], None if closed_book else current_corpus(retriever, step)
+
     writer = MetricWriter(cfg.run_dir, start_step=start)
     restore_signals = checkpointing.install_preemption_handler()
-    batches = _step_batches(iterator, train_examples, make_batch, refresh_every, lambda: retrieval["local"], start)
+    batches = _step_batches(iterator, train_examples, make_batch, window_end, retrieval_for, start)
     skipped, dev_metrics, step = 0, {}, start
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not progress or process_index != 0)
     window_start, window_steps = time.perf_counter(), 0
@@ -180,6 +224,8 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
             if step % refresh_every == 0:
                 retrieval["snapshot"] = jax.tree.map(jnp.copy, state.params["query_encoder"])
                 retrieval["local"] = _process_local(retrieval["snapshot"])
+            if refresher is not None:
+                refresher.after_step(step, lambda: _doc_snapshot(trainer, state))
             if bool(step_metrics["nonfinite"]):
                 where = ", ".join(ex.where for ex in item.examples[:8])
                 if t.on_nonfinite != "skip":
@@ -195,24 +241,33 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
                           "skipped_steps": skipped, **batch_metrics}  # fmt: skip
                 if "retrieval_entropy" in step_metrics:
                     logged["retrieval_entropy"] = float(step_metrics["retrieval_entropy"])
+                if refresher is not None:  # seconds so far: building generations (background), waiting for them
+                    logged.update(reindex_build_s=refresher.build_seconds, reindex_wait_s=refresher.wait_seconds,
+                                  index_generation=refresher.current)  # fmt: skip
                 writer.write(step, logged, prefix="train")
                 bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:.1f}")
                 window_start, window_steps = time.perf_counter(), 0
             bar.update(1)
             evaluating = bool(dev_examples) and (step % t.eval_every == 0 or step == t.steps)
             if evaluating:
-                dev_metrics = evaluate_dev(state.params)
+                dev_metrics = evaluate_dev(state.params, step)
                 writer.write(step, dev_metrics, prefix="dev")
                 log.info("step %d dev %s", step, dev_metrics)
             stop = _any_process(checkpointing.preempted())
-            ckpt.save(step, {"train": state, "retrieval_encoder": retrieval["snapshot"]},
-                      {"iterator": item.data_state}, dev_metrics if evaluating else None,
+            tree = {"train": state, "retrieval_encoder": retrieval["snapshot"]}
+            data_state = {"iterator": item.data_state}
+            if refresher is not None:  # the generations in use and being built, with their snapshots
+                tree["doc_snapshots"] = refresher.checkpoint_snapshots(step)
+                data_state["index_generation"] = refresher.schedule.generation_for(step + 1)
+            ckpt.save(step, tree, data_state, dev_metrics if evaluating else None,
                       force=step == t.steps or stop)  # fmt: skip
             if stop:
                 log.warning("pre-empted (SIGTERM): checkpoint saved at step %d, exiting", step)
                 break
     finally:
         batches.close()
+        if refresher is not None:
+            refresher.close()
         bar.close()
         restore_signals()
         writer.close()

@@ -2,10 +2,13 @@
 
 ``TrainState`` holds what changes during training: the step, the trainable parameters
 ``{"query_encoder": <BERT pytree>, "generator": <BART params as a plain dict>}`` (and
-``"score_scale"``, a float32 scalar ``log(scale)``, when the retrieval score scale is learned), the
-optax state and the dropout key. The frozen document encoder is not in it: the batch brings the retrieved
-documents' embeddings, and the step recomputes ``doc_scores = q(x) . d(z)`` from them so the
-loss's gradient reaches the query encoder. The generator's graph (architecture, compute dtype,
+``"score_scale"``, a float32 scalar ``log(scale)``, when the retrieval score scale is learned, and
+``"doc_encoder"``, a BERT pytree, when the document encoder is trained and not shared), the optax state
+and the dropout key. A frozen document encoder is not in it: the batch brings the retrieved documents'
+embeddings, and the step recomputes ``doc_scores = q(x) . d(z)`` from them so the loss's gradient
+reaches the query encoder. A trained one (``TrainConfig.train_doc_encoder``) encodes the retrieved
+documents' tokens inside the step (``DocTokensRagBatch``), so the gradient reaches it too; shared
+(``share_encoders``), the question encoder's parameters encode both sides. The generator's graph (architecture, compute dtype,
 remat) and its non-trainable buffer (``final_logits_bias``) are fixed per ``Trainer``.
 
 Batches are typed (``rag_jax.rag.batches``) and the loss is ``rag_jax.rag.model.per_example_loss``,
@@ -13,6 +16,8 @@ which dispatches on the batch's type (static under ``jit``):
 
 * ``DenseRagBatch``: the step scores the retrieved documents from the question ids and the
   documents' embeddings;
+* ``DocTokensRagBatch``: end-to-end, the step encodes the retrieved documents with the document
+  encoder (and, with ``rerank_top_k``, first keeps the best of the batch's candidates);
 * ``FixedScoreRagBatch``: from a fixed retriever (BM25), fixed ``doc_scores`` (the loss then gives
   the question encoder no gradient: freeze it);
 * ``Seq2SeqBatch``: closed-book (``variant="closed_book"``, the paper's BART baseline, k = 0), the
@@ -61,6 +66,8 @@ def _param_groups(cfg: "TrainConfig"):
     def group(name: str) -> str:
         if name == "score_scale":
             return "score_scale"
+        if name == "doc_encoder":
+            return "train" if cfg.doc_encoder_learning_rate is None else "doc_encoder"
         if name == "query_encoder" and (cfg.freeze_query_encoder or cfg.variant == "closed_book"):
             return "frozen"
         if name == "query_encoder" and cfg.query_encoder_learning_rate is not None:
@@ -76,6 +83,8 @@ def _param_groups(cfg: "TrainConfig"):
 def _group_learning_rates(cfg: TrainConfig) -> dict[str, float]:
     """The peak learning rates of the groups that have their own (``make_optimizer``)."""
     rates = {} if cfg.query_encoder_learning_rate is None else {"query_encoder": cfg.query_encoder_learning_rate}
+    if cfg.doc_encoder_learning_rate is not None:
+        rates["doc_encoder"] = cfg.doc_encoder_learning_rate
     if cfg.learn_score_scale:
         rate = cfg.score_scale_learning_rate
         rates["score_scale"] = cfg.optimizer.learning_rate if rate is None else rate
@@ -105,6 +114,10 @@ class Trainer:
         # the logical axes of every trainable parameter, declared by the models (the scale is a scalar)
         self.logical_axes = {"query_encoder": model.question_encoder.logical_axes(),
                              "generator": param_logical_axes(abstract)}  # fmt: skip
+        self.doc_encoder = self._trained_doc_encoder(model, cfg)
+        if self.doc_encoder is not None and not cfg.share_encoders:
+            self._initial_params["doc_encoder"] = self.doc_encoder.params
+            self.logical_axes["doc_encoder"] = self.doc_encoder.logical_axes()
         if cfg.learn_score_scale:  # learned in log space: the scale stays positive
             self._initial_params["score_scale"] = np.log(np.float32(model.score_scale))
             self.logical_axes["score_scale"] = ()
@@ -113,6 +126,20 @@ class Trainer:
         self.buffers = jax.tree.map(np.asarray, nnx.to_pure_dict(buffers))
         self.tx = make_optimizer(cfg.optimizer, _param_groups(cfg), _group_learning_rates(cfg))
         self._steps = {}  # the jitted step by batch type
+
+    @staticmethod
+    def _trained_doc_encoder(model: RagModel, cfg: TrainConfig):
+        """The document encoder the step trains (the question encoder when shared), or None."""
+        if not cfg.train_doc_encoder:
+            return None
+        if cfg.share_encoders:
+            return model.question_encoder
+        if model.doc_encoder is None:
+            raise ValueError("train_doc_encoder needs the model's doc_encoder (or share_encoders)")
+        if model.doc_encoder.dim != model.question_encoder.dim:
+            raise ValueError(f"the document encoder gives {model.doc_encoder.dim}-dim vectors, the question encoder "
+                             f"{model.question_encoder.dim}")  # fmt: skip
+        return model.doc_encoder
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -165,7 +192,8 @@ class Trainer:
         generator = (self.graphdef, {**params["generator"], **self.buffers})
         question_encoder = self._question_encoder(params["query_encoder"])
         return per_example_loss_and_doc_scores(self.loss_spec, generator, question_encoder, batch, dropout_key,
-                                               self.score_scale(params))  # fmt: skip
+                                               self.score_scale(params), doc_encoder=self._doc_encoder(params),
+                                               rerank_top_k=self.cfg.rerank_top_k)  # fmt: skip
 
     def score_scale(self, params) -> float | jax.Array:
         """The retrieval score scale: ``exp(params["score_scale"])`` when learned, else the model's."""
@@ -175,13 +203,19 @@ class Trainer:
         """The question encoder with ``encoder_params`` (no gradient when frozen), as ``per_example_loss`` calls it."""
         if self.cfg.freeze_query_encoder:
             encoder_params = jax.lax.stop_gradient(encoder_params)
-        return functools.partial(
-            question_vectors,
-            encoder_params,
-            encoder=self.encoder,
-            compute_dtype=self.compute_dtype,
-            remat=self.cfg.remat,
-        )
+        return self._encoder_fn(self.encoder, encoder_params)
+
+    def _doc_encoder(self, params):
+        """The trained document encoder as ``per_example_loss`` calls it, or None (frozen)."""
+        return None if self.doc_encoder is None else self._encoder_fn(self.doc_encoder, self.doc_params(params))
+
+    def doc_params(self, params):
+        """The trained document encoder's parameters in ``params`` (a shared one's are the question encoder's)."""
+        return params["query_encoder" if self.cfg.share_encoders else "doc_encoder"]
+
+    def _encoder_fn(self, encoder, encoder_params):
+        return functools.partial(question_vectors, encoder_params, encoder=encoder, compute_dtype=self.compute_dtype,
+                                 remat=self.cfg.remat)  # fmt: skip
 
     def _loss_and_grads(self, params, batch, dropout_key):
         """The summed loss, the gradients, and the summed entropy of p(z|x) (0 closed-book: no retrieval)."""
@@ -263,8 +297,11 @@ class Trainer:
         nnx.replace_by_pure_dict(gen_params, params["generator"])
         generator = dataclasses.replace(self.source_model.generator, model=nnx.merge(graphdef, gen_params, buffers))
         question_encoder = dataclasses.replace(self.source_model.question_encoder, params=params["query_encoder"])
+        doc_encoder = self.source_model.doc_encoder
+        if self.doc_encoder is not None:  # trained: the run's parameters (a shared one: the question encoder's)
+            doc_encoder = dataclasses.replace(self.doc_encoder, params=self.doc_params(params))
         return dataclasses.replace(self.source_model, question_encoder=question_encoder, generator=generator,
-                                   score_scale=float(self.score_scale(params)))  # fmt: skip
+                                   score_scale=float(self.score_scale(params)), doc_encoder=doc_encoder)  # fmt: skip
 
     def eval_loss(self, params, batch: Batch) -> jax.Array:
         """Per-example loss without dropout (not jitted here: wrap in ``jax.jit`` as needed)."""
