@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -71,10 +72,11 @@ def _question_tokenizer_folder(cfg: ml_collections.ConfigDict) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class DocInputs:
-    """How the document encoder reads passages: its tokenizer at ``model.doc_max_length`` tokens
+    """How the document encoder reads passages: its ``tokenizer`` at ``model.doc_max_length`` tokens
     (``tokenize``: ``(first, second) -> (ids, mask)``, ``rag_jax.retrieval.embed``'s ``TokenizeFn``) and
     the embedding job's input mode (``pair``: title and text, as DPR)."""
 
+    tokenizer: Any
     tokenize: Callable
     input_mode: str
 
@@ -89,7 +91,8 @@ def doc_inputs(cfg: ml_collections.ConfigDict) -> DocInputs:
 
     folder = _question_tokenizer_folder(cfg) if cfg.model.share_encoders else doc_encoder_folder(cfg)
     mode = read_manifest(cfg.corpus.embeddings).get("input_mode", "pair") if cfg.corpus.embeddings else "pair"
-    return DocInputs(hf_tokenize_fn(AutoTokenizer.from_pretrained(folder), cfg.model.doc_max_length), mode)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return DocInputs(tokenizer, hf_tokenize_fn(tokenizer, cfg.model.doc_max_length), mode)
 
 
 def score_scale(cfg: ml_collections.ConfigDict, question_encoder: Encoder) -> float:

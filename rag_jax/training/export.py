@@ -22,6 +22,7 @@ so and leaves these two out.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -33,7 +34,8 @@ from tqdm import tqdm
 from rag_jax.hf.encoder import save_encoder_hf
 from rag_jax.hf.generator import save_generator_hf
 from rag_jax.hf.rag import save_rag_hf
-from rag_jax.retrieval import PassageStore, load_embeddings, write_scaled_embeddings
+from rag_jax.retrieval import PassageStore, embed_passages, index_kind, load_embeddings, write_scaled_embeddings
+from rag_jax.retrieval.generations import save_index
 from rag_jax.training import components, evaluate
 
 HF_PASSAGES = "hf_passages"
@@ -74,7 +76,11 @@ def export_run(cfg: ml_collections.ConfigDict, out: str, *, step: int | None = N
             "and the index are unchanged (the index ranks the same documents; the scores its own search returns are "
             "unscaled)"
         )  # fmt: skip
-    place_corpus(cfg, out, link=link_corpus, score_scale=scale)
+    if model.doc_encoder is None:
+        place_corpus(cfg, out, link=link_corpus, score_scale=scale)
+    else:  # the run trained its document encoder: the corpus as that encoder embeds it
+        place_corpus(cfg, out, link=link_corpus, names=("passages",))
+        notes.append(export_doc_encoder(cfg, model, out, score_scale=scale, progress=progress))
     if cfg.corpus.retriever == "dense":
         notes.append(write_transformers_retrieval(out, progress=progress))
     return step, notes
@@ -117,12 +123,40 @@ def write_transformers_retrieval(out: str, *, progress: bool = True) -> str:
             f"passages_path={os.path.join(out, HF_PASSAGES)!r}, index_path={os.path.join(out, HF_INDEX)!r})")
 
 
-def place_corpus(cfg: ml_collections.ConfigDict, out: str, *, link: bool, score_scale: float = 1.0) -> None:
-    """The passages, embeddings and index of ``cfg.corpus`` next to an exported model; with a
-    ``score_scale`` other than 1 the embeddings are written scaled (``write_scaled_embeddings``)."""
+def export_doc_encoder(cfg: ml_collections.ConfigDict, model, out: str, *, score_scale: float, progress: bool) -> str:
+    """A trained document encoder's export: ``out/doc_encoder`` (a ``DPRContextEncoder`` folder for a
+    [CLS]-pooled BERT, else the encoder's own layout) with its tokenizer, and the corpus re-embedded with
+    it into ``out/embeddings`` (times ``score_scale``, as ``place_corpus`` folds it) and indexed like
+    ``corpus.index`` into ``out/index``. Returns the note for the user."""
+    doc_encoder = model.doc_encoder
+    if doc_encoder.kind == "bert" and doc_encoder.pooling == "cls":
+        doc_encoder = dataclasses.replace(doc_encoder, kind="dpr_context")
+    folder = os.path.join(out, "doc_encoder")
+    save_encoder_hf(doc_encoder, folder)
+    inputs = components.doc_inputs(cfg)
+    inputs.tokenizer.save_pretrained(folder)
+    embeddings_dir = os.path.join(out, "embeddings")
+    shutil.rmtree(embeddings_dir, ignore_errors=True)
+    encode = model.doc_encoder.encode
+
+    def scaled_encode(ids_BxP, mask_BxP):
+        return score_scale * encode(ids_BxP, mask_BxP)
+
+    with PassageStore.open(cfg.corpus.passages) as store:
+        embed_passages(store, scaled_encode, inputs.tokenize, embeddings_dir, batch_size=cfg.train.reindex_batch_size,
+                       shard_size=1 << 16, input_mode=inputs.input_mode, encoder_name=folder, progress=progress)  # fmt: skip
+        save_index(load_embeddings(embeddings_dir, store=store), index_kind(cfg.corpus.index), os.path.join(out, "index"))
+    return (f"the run trained its document encoder: {folder} ({doc_encoder.kind}); {out}/embeddings and {out}/index are "
+            "the corpus as it embeds it" + (f" (times the score scale {score_scale:g})" if score_scale != 1.0 else ""))
+
+
+def place_corpus(cfg: ml_collections.ConfigDict, out: str, *, link: bool, score_scale: float = 1.0,
+                 names: tuple[str, ...] = ("passages", "embeddings", "index")) -> None:  # fmt: skip
+    """The passages, embeddings and index of ``cfg.corpus`` (those of ``names``) next to an exported
+    model; with a ``score_scale`` other than 1 the embeddings are written scaled (``write_scaled_embeddings``)."""
     for name, src in (("passages", cfg.corpus.passages), ("embeddings", cfg.corpus.embeddings),
                       ("index", cfg.corpus.index)):  # fmt: skip
-        if not src:  # a BM25 run has no embeddings or index
+        if not src or name not in names:  # a BM25 run has no embeddings or index
             continue
         dst = os.path.join(out, name if os.path.isdir(src) else name + os.path.splitext(src)[1])
         if os.path.islink(dst) or os.path.isfile(dst):

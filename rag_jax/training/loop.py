@@ -9,8 +9,15 @@ closed-book, batches are always prepared ``LOOKAHEAD_STEPS`` ahead). The doc sco
 loss are always recomputed from the *current* encoder inside the step, so the gradient is exact
 for the retrieved set whatever R is.
 
+End-to-end retriever training (``train.doc_encoder=trained``): batches carry the retrieved passages'
+tokens, which the step encodes with the trained document encoder; ``train.index_refresh`` keeps the
+index stale (``none``), re-ranks ``train.rerank_candidates`` inside the step (``rerank``), or rebuilds
+it in the background on a fixed schedule (``full``, ``rag_jax.training.reindex``): retrieval windows
+end where the index generation changes.
+
 Determinism: the batch order is a function of (seed, epoch), dropout keys live in the train state,
-and the retrieval encoder snapshot is part of the checkpoint, so a run killed at any step and
+and the retrieval encoder snapshot (and, with a full refresh, the document-encoder snapshots of the
+index generations in use and being built) is part of the checkpoint, so a run killed at any step and
 restarted from its last checkpoint produces the same per-step losses as an uninterrupted run.
 """
 

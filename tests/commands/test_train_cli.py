@@ -285,3 +285,50 @@ def test_two_processes_train_like_one(task, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["eval", "--run", multi_dir, "--split", "dev"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
+
+
+def test_end_to_end_retriever_training_with_full_reindex_resumes_exactly_and_exports(task, tmp_path):
+    """``train.doc_encoder=trained, index_refresh=full`` (re-index every 3 steps, swapped in 2 later):
+    each step retrieves from the scheduled generation; a run killed with SIGKILL while a generation is
+    being built (its folder then left unfinished) and resumed logs the per-step losses of an
+    uninterrupted run; the export holds the trained document encoder as a ``DPRContextEncoder`` and the
+    corpus as it embeds it."""
+    import torch
+    from transformers import AutoTokenizer, DPRContextEncoder
+
+    from rag_jax.retrieval import PassageStore, load_embeddings
+
+    settings = ["--no-progress", "--config.train.steps=9", "--config.data.dev=", "--config.model.doc_max_length=32",
+                "--config.train.doc_encoder=trained", "--config.train.index_refresh=full",
+                "--config.train.reindex_every=3", "--config.train.reindex_lag=2", "--config.train.reindex_batch_size=16"]  # fmt: skip
+    reference_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "interrupted")
+    assert cli.main(["train", "--config", write_config(task, tmp_path, reference_dir), *settings]) == 0
+    records = [r for r in read_metrics(reference_dir) if "train/loss" in r]
+    assert [r["train/index_generation"] for r in records] == [0] * 5 + [3] * 3 + [6]  # swaps after steps 5 and 8
+    # kept: the previous and the current generation, and the one built from the last step's snapshot
+    assert sorted(os.listdir(os.path.join(reference_dir, "index_generations"))) == [
+        "step-00000003", "step-00000006", "step-00000009"]  # fmt: skip
+
+    (tmp_path / "k").mkdir()
+    args = ["train", "--config", write_config(task, tmp_path / "k", run_dir), *settings]
+    killed = run_until(args, run_dir, 4, signal.SIGKILL)  # generation 3 is being built until step 5
+    assert killed.returncode == -signal.SIGKILL and max(losses(run_dir)) < 9
+    generation = os.path.join(run_dir, "index_generations", "step-00000003")
+    if os.path.exists(os.path.join(generation, "COMPLETE")):  # what a kill half-way through its build leaves
+        os.remove(os.path.join(generation, "COMPLETE"))
+    shutil.rmtree(os.path.join(generation, "index"), ignore_errors=True)
+    finish(rag_jax_process(args, 8))
+    expected, resumed = losses(reference_dir), losses(run_dir)
+    assert [resumed[s] for s in range(1, 10)] == [expected[s] for s in range(1, 10)]
+
+    out = str(tmp_path / "export")
+    assert cli.main(["export", "--run", reference_dir, "--out", out]) == 0
+    dpr = DPRContextEncoder.from_pretrained(os.path.join(out, "doc_encoder")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(out, "doc_encoder"))
+    with PassageStore.open(task.passages) as store:
+        passages = store.slice(0, 4)
+    enc = tokenizer([p.title for p in passages], [p.text for p in passages], padding="max_length", truncation=True,
+                    max_length=32, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        vectors = dpr(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output.numpy()
+    np.testing.assert_allclose(np.asarray(load_embeddings(os.path.join(out, "embeddings"))[0:4]), vectors, atol=1e-4)
