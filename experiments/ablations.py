@@ -31,6 +31,10 @@ Ablations (``--only`` picks some; the defaults follow the paper's choices):
   with; the others are trained like them), then the test-time k sweep of ``k`` for each: EM, answer
   recall@k and the mean p(top doc|x). With a cosine encoder (MiniLM) and scale 1, p(z|x) cannot
   concentrate and EM falls as k grows.
+* ``end_to_end``: retriever training from the RAG-Token run's settings: frozen, query-side only, and
+  end-to-end (the document encoder trained) with a full re-index, a re-rank and a stale index: answer
+  recall@k before / after, test EM, steps/s and the re-index's share of the time
+  (``experiments/end_to_end.py``, which also runs it on the aliased task it is made for).
 
 Writes ``OUT/ablations.md`` (every table, with the command and machine), ``OUT/results.json``,
 a plot per ablation (``OUT/*.png``); the training ablations' runs go to ``OUT/runs/`` (a re-run
@@ -54,7 +58,7 @@ from rag_jax.quickstart.report import LABELS
 from rag_jax.training import components, evaluate, loop
 from rag_jax.training.metric_writer import read_metrics
 
-ABLATIONS = ("variant", "k", "decoding", "retriever", "query_encoder", "score_scale")
+ABLATIONS = ("variant", "k", "decoding", "retriever", "query_encoder", "score_scale", "end_to_end")
 TEST_KS = (1, 5, 10, 20, 50)
 SCORE_SCALES = {  # setting -> run config changes
     "fixed 1": {"rag": {"score_scale": 1.0, "learn_score_scale": False}},
@@ -353,14 +357,28 @@ def _plot_recall(path: str, recall: dict) -> None:
     _save(plt, fig, (ax,), path)
 
 
+def ablate_end_to_end(runs: Runs, args) -> tuple[dict, str]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import end_to_end
+
+    cfg = runs.cfg["token"]
+    steps = args.train_steps or cfg.train.steps
+    every = max(steps // 3, 1)
+    return end_to_end.end_to_end_table(cfg, args.out, steps=steps,
+                                       retriever_learning_rate=1e-4, reindex_every=every, reindex_lag=every // 2,
+                                       max_examples=args.max_examples)  # fmt: skip
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 RUNNERS = {"variant": ablate_variant, "k": ablate_k, "decoding": ablate_decoding, "retriever": ablate_retriever,
-           "query_encoder": ablate_query_encoder, "score_scale": ablate_score_scale}  # fmt: skip
+           "query_encoder": ablate_query_encoder, "score_scale": ablate_score_scale,
+           "end_to_end": ablate_end_to_end}  # fmt: skip
 TITLES = {"variant": "Closed-book vs RAG-Sequence vs RAG-Token; index hot-swap", "k": "Documents at test time (k)",
           "decoding": "RAG-Sequence decoding: thorough vs fast", "retriever": "BM25 vs dense retrieval",
           "query_encoder": "Frozen vs trained question encoder",
-          "score_scale": "Retrieval score scale: fixed 1 / fixed 20 / learned, against test-time k"}  # fmt: skip
+          "score_scale": "Retrieval score scale: fixed 1 / fixed 20 / learned, against test-time k",
+          "end_to_end": "End-to-end retriever training: frozen / query-side / full re-index / re-rank / stale index"}  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -77,9 +77,10 @@ def _deployed_retriever(cfg, model, retriever, out: str):
 
 
 def end_to_end_table(base_cfg, out: str, *, steps: int, retriever_learning_rate: float, reindex_every: int,
-                     reindex_lag: int) -> tuple[dict, str]:  # fmt: skip
-    """Train and measure the five settings from ``base_cfg`` (a RAG run config); returns (results, markdown).
-    Runs go to ``out/runs/<n>``; a re-run resumes or reuses them."""
+                     reindex_lag: int, max_examples: int = 0) -> tuple[dict, str]:  # fmt: skip
+    """Train and measure the five settings from ``base_cfg`` (a RAG run config) on its first ``max_examples``
+    test questions (0: all); returns (results, markdown). Runs go to ``out/runs/<n>``; a re-run resumes or
+    reuses them."""
     k = base_cfg.rag.k
     base = with_changes(base_cfg, train={"steps": steps, "query_encoder_learning_rate": retriever_learning_rate,
                                          "doc_encoder_learning_rate": retriever_learning_rate,
@@ -89,11 +90,11 @@ def end_to_end_table(base_cfg, out: str, *, steps: int, retriever_learning_rate:
     question_tokenizer, generator_tokenizer = components.tokenizers(base)
     initial = components.build_model(base)
     retriever = components.build_retriever(base, initial, question_tokenizer, generator_tokenizer, k=k)
-    test = components.read_split(base, "test")
+    test = components.read_split(base, "test")[: max_examples or None]
     recall_before = answer_recall(retriever, initial.question_encoder.params, test, k, batch_size=100)
     results = {}
     for i, (name, changes) in enumerate(settings(steps, k, reindex_every, reindex_lag).items()):
-        run_dir = os.path.join(out, "runs", str(i))
+        run_dir = os.path.join(out, "runs", f"end_to_end-{i}")
         cfg = with_changes(base, run_dir=run_dir, **changes)
         start = time.perf_counter()
         loop.train(cfg)
@@ -165,7 +166,6 @@ def main(argv=None) -> int:
                          embed_max_length=qc.task.embed_max_length, aliases=True)  # fmt: skip
     paths = dataclasses.replace(paths, generator=pretrain_generator(paths, os.path.join(args.out, "pretrain"), qc))
     base = variant_config(paths, "token", os.path.join(args.out, "runs", "base"), qc)
-    base.model.doc_max_length = qc.task.embed_max_length
     with PassageStore.open(paths.passages) as store:
         passages = len(store)
     results, table = end_to_end_table(base, args.out, steps=args.steps,

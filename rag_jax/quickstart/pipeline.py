@@ -71,10 +71,11 @@ def variant_config(paths: TaskPaths, variant: str, run_dir: str,
                    qc: ml_collections.ConfigDict) -> ml_collections.ConfigDict:  # fmt: skip
     """The run config of one of the quickstart's models: ``qc.run`` on the task's files, with the
     logging, evaluation and checkpoint cadence the quickstart's sizes imply (the query encoder is frozen
-    when it has no learning rate of its own)."""
+    when it has no learning rate of its own; a trained document encoder reads the passages as they were
+    embedded, ``task.embed_max_length`` tokens)."""
     run, steps = qc.run, qc.run.train.steps
     return run_config(
-        paths, variant, run_dir, base=run,
+        paths, variant, run_dir, base=run, model={"doc_max_length": qc.task.embed_max_length},
         train={"freeze_query_encoder": run.train.query_encoder_learning_rate is None,
                "log_every": max(1, steps // 50), "eval_every": max(1, steps // qc.task.dev_evaluations),
                "save_every": steps},

@@ -4,10 +4,10 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from toy_encoder import DIM, encode, tokenize
 
 from rag_jax.retrieval.corpus import Passage, PassageStore, write_passages_tsv
 from rag_jax.retrieval.embed import (
@@ -18,27 +18,6 @@ from rag_jax.retrieval.embed import (
     passage_inputs,
     shard_path,
 )
-
-SEQ, VOCAB, DIM = 12, 97, 6
-TABLE = np.random.default_rng(0).standard_normal((VOCAB, DIM)).astype(np.float32)
-
-
-def tokenize(first, second):
-    """A toy tokenizer: word hashes, "[SEP]" = 1 between the pair, padded to SEQ."""
-    ids = np.zeros((len(first), SEQ), np.int32)
-    for i, a in enumerate(first):
-        words = [2 + sum(map(ord, w)) % (VOCAB - 2) for w in a.split()]
-        if second is not None:
-            words += [1] + [2 + sum(map(ord, w)) % (VOCAB - 2) for w in second[i].split()]
-        ids[i, : min(SEQ, len(words))] = words[:SEQ]
-    return ids, (ids > 0).astype(np.int32)
-
-
-@jax.jit
-def encode(ids_BxS, mask_BxS):
-    """A toy encoder: masked mean of embedding rows."""
-    emb_BxSxD = jnp.asarray(TABLE)[ids_BxS] * mask_BxS[..., None]
-    return emb_BxSxD.sum(1) / jnp.maximum(mask_BxS.sum(1, keepdims=True), 1)
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy_encoder import DIM, SEQ, VOCAB, encode, tokenize
 
 from rag_jax.errors import InputFileError
 from rag_jax.models import bert
@@ -33,29 +33,9 @@ from rag_jax.retrieval import (
 )
 from rag_jax.retrieval.embed import shard_path
 
-SEQ, VOCAB, DIM = 12, 97, 6
 NUM_PASSAGES, BATCH, SHARD = 37, 8, 8  # 5 shards (the last of 5 rows), one batch each; 8 test devices
-TABLE = np.random.default_rng(0).standard_normal((VOCAB, DIM)).astype(np.float32)
 QUERIES_QxD = np.random.default_rng(2).standard_normal((5, DIM)).astype(np.float32)
 SETTINGS = dict(index_kind="exact", batch_size=BATCH, shard_size=SHARD)
-
-
-def tokenize(first, second):
-    """A toy tokenizer: word hashes, "[SEP]" = 1 between the pair, padded to SEQ."""
-    ids = np.zeros((len(first), SEQ), np.int32)
-    for i, a in enumerate(first):
-        words = [2 + sum(map(ord, w)) % (VOCAB - 2) for w in a.split()]
-        if second is not None:
-            words += [1] + [2 + sum(map(ord, w)) % (VOCAB - 2) for w in second[i].split()]
-        ids[i, : min(SEQ, len(words))] = words[:SEQ]
-    return ids, (ids > 0).astype(np.int32)
-
-
-@jax.jit
-def encode(ids_BxS, mask_BxS):
-    """A toy encoder: masked mean of embedding rows."""
-    emb_BxSxD = jnp.asarray(TABLE)[ids_BxS] * mask_BxS[..., None]
-    return emb_BxSxD.sum(1) / jnp.maximum(mask_BxS.sum(1, keepdims=True), 1)
 
 
 def write_corpus(path: str) -> None:
