@@ -308,7 +308,8 @@ def test_to_model_carries_trained_parameters():
 
 
 def test_the_step_takes_the_batch_types_of_its_variant():
-    """A RAG step takes dense and fixed-score batches (each its own compiled step), a closed-book step
+    """A RAG step takes dense and fixed-score batches (each its own compiled step; doc-token batches: see
+    test_end_to_end.py), a closed-book step
     a ``Seq2SeqBatch``; any other batch is refused with the types it takes."""
     rag = _trainer(_cfg())
     state = rag.init_state()
@@ -318,7 +319,7 @@ def test_the_step_takes_the_batch_types_of_its_variant():
         assert np.isfinite(float(metrics["loss"])) and not bool(metrics["nonfinite"])
     assert set(rag._steps) == {DenseRagBatch, FixedScoreRagBatch}
     closed_book = _batch(closed_book=True)
-    with pytest.raises(TypeError, match="'token' loss takes a DenseRagBatch or FixedScoreRagBatch, got a Seq2SeqBatch"):
+    with pytest.raises(TypeError, match="'token' loss takes a DenseRagBatch or DocTokensRagBatch or FixedScoreRagBatch, got a Seq2SeqBatch"):
         rag.train_step(state, closed_book)
     with pytest.raises(TypeError, match="got a dict"):
         rag.eval_loss(state.params, dataclasses.asdict(dense))
