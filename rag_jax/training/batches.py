@@ -33,12 +33,11 @@ def rag_batch(cfg, retriever, generator_tokenizer, examples: list[data.QAExample
     distinct = len(np.unique(retrieved.doc_ids_BxK))
     if doc_inputs is None:
         return retriever.train_batch(retrieved, labels_BxT), distinct
-    b, k = retrieved.doc_ids_BxK.shape
-    ids_NxP, mask_NxP = doc_inputs([p for passages in retrieved.passages for p in passages])
+    doc_ids_BxKxP, doc_mask_BxKxP = doc_inputs.of_retrieved(retrieved.passages)
     return DocTokensRagBatch(
         question_input_ids_BxQ=retrieved.question_input_ids_BxSq,
         question_attention_mask_BxQ=retrieved.question_attention_mask_BxSq,
-        doc_input_ids_BxKxP=ids_NxP.reshape(b, k, -1), doc_attention_mask_BxKxP=mask_NxP.reshape(b, k, -1),
+        doc_input_ids_BxKxP=doc_ids_BxKxP, doc_attention_mask_BxKxP=doc_mask_BxKxP,
         context_input_ids_BxKxS=retrieved.context_input_ids_BxKxS,
         context_attention_mask_BxKxS=retrieved.context_attention_mask_BxKxS, labels_BxT=labels_BxT.astype(np.int32),
     ), distinct  # fmt: skip

@@ -83,6 +83,12 @@ class DocInputs:
     def __call__(self, passages: Sequence[Passage]) -> tuple[np.ndarray, np.ndarray]:
         return self.tokenize(*passage_inputs(passages, self.input_mode))
 
+    def of_retrieved(self, passages_BxK: Sequence[Sequence[Passage]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, mask) [B, K, P]`` of the retrieved passages (``RetrievedBatch.passages``), tokenized as one batch."""
+        b, k = len(passages_BxK), len(passages_BxK[0])
+        ids_NxP, mask_NxP = self([p for passages in passages_BxK for p in passages])
+        return ids_NxP.reshape(b, k, -1), mask_NxP.reshape(b, k, -1)
+
 
 def doc_inputs(cfg: ml_collections.ConfigDict) -> DocInputs:
     """The document encoder's ``DocInputs``: its folder's tokenizer, the corpus embeddings' input mode. A

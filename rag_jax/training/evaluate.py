@@ -95,9 +95,10 @@ def rerank_candidates(cfg) -> int:
 def rescored_by_doc_encoder(retrieved: RetrievedBatch, model: RagModel, doc_inputs, k: int) -> RetrievedBatch:
     """``retrieved``'s best ``k`` documents by ``score_scale * q(x) . d(z)`` with the model's (trained)
     document encoder ``d`` reading their passages (``doc_inputs``)."""
-    b, candidates = retrieved.doc_ids_BxK.shape
-    ids_NxP, mask_NxP = doc_inputs([p for passages in retrieved.passages for p in passages])
-    d_BxLxD = np.asarray(model.doc_encoder.encode(ids_NxP, mask_NxP)).reshape(b, candidates, -1)
+    ids_BxLxP, mask_BxLxP = doc_inputs.of_retrieved(retrieved.passages)
+    b, candidates, p = ids_BxLxP.shape
+    d_NxD = model.doc_encoder.encode(ids_BxLxP.reshape(b * candidates, p), mask_BxLxP.reshape(b * candidates, p))
+    d_BxLxD = np.asarray(d_NxD).reshape(b, candidates, -1)
     return retrieved.rescored(doc_scores_from_embeddings(retrieved.question_vectors_BxD, d_BxLxD, model.score_scale),
                               k)  # fmt: skip
 

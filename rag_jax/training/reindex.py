@@ -86,7 +86,7 @@ class IndexRefresher:
                  initial_params):  # fmt: skip
         self.schedule = schedule
         self._build, self._load, self._prune = build, load, prune
-        self._corpus = {0: original}
+        self._corpus = original  # the current generation's
         self.snapshots = {0: initial_params}
         self.current = 0
         self._futures: dict[int, concurrent.futures.Future] = {}
@@ -122,7 +122,7 @@ class IndexRefresher:
         generation = self.schedule.generation_for(step)
         if generation != self.current:
             self._swap_to(generation, None if generation in self._futures else self._load(generation))
-        return self._corpus[self.current]
+        return self._corpus
 
     def checkpoint_snapshots(self, completed: int) -> dict:
         """``{"current", "pending"}``: the snapshots of the generation retrieving after ``completed``
@@ -157,7 +157,7 @@ class IndexRefresher:
         if corpus is None:
             raise RuntimeError(f"index generation {generation} is not complete")
         self._prune({self.current, generation, *self._futures})
-        self._corpus = {generation: corpus}
+        self._corpus = corpus
         self.snapshots = {s: p for s, p in self.snapshots.items() if s >= generation}
         self.current = generation
 
