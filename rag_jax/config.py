@@ -60,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
         max_target_length=16,  # generator label tokens (answers longer than this are reported)
         max_source_length=64,  # closed-book generator input (the question alone)
         strict=False,  # True: stop at the first bad line instead of skipping and counting
+        labels="",  # comma-separated: keep only examples whose answer is one of these (FEVER-2:
+        # "SUPPORTS,REFUTES", the 3-way file without NOT ENOUGH INFO); "" = every example
     )
     c.corpus = dict(
         passages="",  # DPR tsv or JSONL passages

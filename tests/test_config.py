@@ -149,10 +149,20 @@ def test_a_run_saved_before_the_score_scale_reads_back_unscaled(tmp_path):
     assert saved_run_config(str(tmp_path)).rag.score_scale is None
 
 
-@pytest.mark.parametrize("dataset", ["nq", "tqa", "wq", "ct"])
+@pytest.mark.parametrize("dataset", ["nq", "tqa", "wq", "ct", "msmarco", "jeopardy", "fever3", "fever2"])
 @pytest.mark.parametrize("variant", ["token", "sequence", "closed_book"])
 def test_every_paper_config_loads_and_resolves(dataset, variant):
     config = load_config(f"experiments/configs/paper.py:{dataset}-{variant}@/data/rag")
     settings = resolve(config)
-    assert settings.train.variant == variant and config.data.train == f"/data/rag/{dataset}/train.tsv"
+    folder = "fever" if dataset.startswith("fever") else dataset
+    assert settings.train.variant == variant and config.data.train.startswith(f"/data/rag/{folder}/train.")
     assert config.eval.answer_match == ("regex" if dataset == "ct" else "string")
+    assert config.data.labels == ("SUPPORTS,REFUTES" if dataset == "fever2" else "")
+    # appendix B: QA tested with 15 (RAG-Token) / 50 (RAG-Sequence) documents, greedy; MS-MARCO and Jeopardy
+    # with 10 documents, beam 4, fast RAG-Sequence decoding
+    generation = dataset in ("msmarco", "jeopardy")
+    test_docs = {"token": 10, "sequence": 10} if generation else {"token": 15, "sequence": 50}
+    if dataset.startswith("fever"):
+        test_docs = {"token": 5, "sequence": 10}
+    assert config.eval.k == test_docs.get(variant, 0)
+    assert (config.eval.num_beams, config.eval.decoding) == ((4, "fast") if generation else (1, "thorough"))

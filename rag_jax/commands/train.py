@@ -43,10 +43,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rag_jax.config import saved_run_config
-    from rag_jax.training import components, evaluate
+    import jax
+
+    from rag_jax.config import resolve, saved_run_config
+    from rag_jax.training import components, evaluate, sharding
 
     cfg = load_run_config(saved_run_config, args.run, args.run, args.overrides)
+    sharding.maybe_initialize_distributed()  # a multi-host evaluation splits the examples over the processes
     question_tokenizer, generator_tokenizer = components.tokenizers(cfg)
     examples = components.read_split(cfg, args.split)  # data mistakes show before the model loads
     model, step = evaluate.load_trained_model(cfg, args.step)
@@ -54,11 +57,13 @@ def _eval(args: argparse.Namespace) -> int:
     if cfg.rag.variant != "closed_book":
         retriever = components.build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=cfg.eval.k)
     result, records = evaluate.evaluate(cfg, model, examples, generator_tokenizer=generator_tokenizer, retriever=retriever,
-                                        fmt=components.split_format(cfg, args.split))  # fmt: skip
+                                        fmt=components.split_format(cfg, args.split), progress=jax.process_index() == 0,
+                                        mesh=sharding.make_mesh(resolve(cfg).mesh))  # fmt: skip
     out = args.predictions or os.path.join(cfg.run_dir, f"predictions_{args.split}_step{step}.jsonl")
-    with open(out, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    print(json.dumps({"split": args.split, "step": step, **result, "predictions": out}))
+    if jax.process_index() == 0:  # every process holds every record; one writes them
+        with open(out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        print(json.dumps({"split": args.split, "step": step, **result, "predictions": out}))
     return 0
 
 

@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from rag_jax.models.bart import Bart, DecodeCache, take_decoder_rows, with_decoder_rows
 from rag_jax.models.configs import BartConfig
@@ -625,11 +626,19 @@ def as_dtype(x, dtype) -> np.ndarray | jax.Array:
     return np.asarray(x, dtype)
 
 
+def host_array(x) -> np.ndarray:
+    """``x`` whole on the host. A global array spread over several processes (decoding a batch sharded
+    over a multi-host mesh) is gathered from all of them, so every process must call this together."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def hf_layout(sequences_BxNxL, lengths_BxN, r: int | None = None) -> np.ndarray:
     """``[B * R, W]`` int32 ids as transformers returns them, from the first ``r`` (default all N)
     sequences of every example: W = the largest of their lengths. Sliced on the host (an eager slice of
     a device array costs a dispatch)."""
-    sequences_BxRxL, lengths_BxR = np.asarray(sequences_BxNxL)[:, :r], np.asarray(lengths_BxN)[:, :r]
+    sequences_BxRxL, lengths_BxR = host_array(sequences_BxNxL)[:, :r], host_array(lengths_BxN)[:, :r]
     width = int(np.max(lengths_BxR))
     b, r, _ = sequences_BxRxL.shape
     return sequences_BxRxL[:, :, :width].reshape(b * r, width)

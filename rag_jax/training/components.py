@@ -175,13 +175,27 @@ def read_split(cfg: ml_collections.ConfigDict, split: str, generator_tokenizer=N
     if not path:
         raise ConfigError("is empty", what=f"config.data.{split}")
     with named_by(f"config.data.{split}"):
-        return data.read_qa(
+        examples = data.read_qa(
             path,
             format=cfg.data.format or None,
             strict=cfg.data.strict,
             target_length=_target_length_fn(generator_tokenizer) if generator_tokenizer is not None else None,
             max_target_length=cfg.data.max_target_length,
         ).examples
+    return with_labels(examples, cfg.data.labels, f"{path} (config.data.{split})")
+
+
+def with_labels(examples: list[data.QAExample], labels: str, where: str) -> list[data.QAExample]:
+    """The examples whose answer is one of the comma-separated ``labels`` (``config.data.labels``;
+    "": all of them), e.g. FEVER-2 from a 3-way FEVER file."""
+    if not labels:
+        return examples
+    keep = {label.strip() for label in labels.split(",") if label.strip()}
+    kept = [ex for ex in examples if set(ex.answers) & keep]
+    if not kept:
+        raise ConfigError(f"no example of {where} has one of the labels {sorted(keep)}", what="config.data.labels")
+    log.info("%s: kept %d of %d examples (labels %s)", where, len(kept), len(examples), ", ".join(sorted(keep)))
+    return kept
 
 
 def split_format(cfg: ml_collections.ConfigDict, split: str) -> str:

@@ -89,18 +89,10 @@ def _step_batches(iterator, examples, make_batch, window_end, retrieval_for, sta
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _process_local(tree):
-    """``tree`` usable by this process alone (host-side retrieval and evaluation): itself in a
-    single-process run, the full values gathered from every process otherwise."""
-    if jax.process_count() == 1:
-        return tree
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
 def _doc_snapshot(trainer: Trainer, state):
     """A copy of the document encoder's parameters in ``state`` (the step donates it), usable by this
     process (a generation's embedding runs on the host's devices)."""
-    return _process_local(jax.tree.map(jnp.copy, trainer.doc_params(state.params)))
+    return sharding.process_local(jax.tree.map(jnp.copy, trainer.doc_params(state.params)))
 
 
 def _restored_doc_snapshots(schedule: reindex.RefreshSchedule, completed: int, saved: dict) -> dict:
@@ -173,7 +165,7 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
         iterator.restore(data_state["iterator"])
         log.info("resumed from the checkpoint of step %d in %s", start, ckpt.directory)
     # the encoder retrieval uses: a copy (the step donates its state), refreshed every R steps
-    retrieval = {"snapshot": snapshot, "local": _process_local(snapshot)}
+    retrieval = {"snapshot": snapshot, "local": sharding.process_local(snapshot)}
     refresher = None
     if t.index_refresh == "full":
         refresher = reindex.run_refresher(cfg, trainer.doc_encoder, _doc_snapshot(trainer, state), retriever,
@@ -195,11 +187,10 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
         return r if refresher is None else r.with_corpus(r.store, *refresher.corpus_for(step))
 
     def evaluate_dev(params, step: int) -> dict:
-        result, _ = evaluate(cfg, trainer.to_model(_process_local(params)), dev_examples,
-                             generator_tokenizer=eval_generator_tokenizer,
+        result, _ = evaluate(cfg, trainer.to_model(params), dev_examples, generator_tokenizer=eval_generator_tokenizer,
                              retriever=None if closed_book else current_corpus(eval_retriever, step + 1),
                              fmt=dev_format, progress=progress and process_index == 0,
-                             doc_inputs=eval_doc_inputs)  # fmt: skip
+                             doc_inputs=eval_doc_inputs, mesh=mesh)  # fmt: skip
         return result
 
     refresh_every = max(int(t.retrieval_refresh_every), 1)
@@ -230,7 +221,7 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
             window_steps += 1
             if step % refresh_every == 0:
                 retrieval["snapshot"] = jax.tree.map(jnp.copy, state.params["query_encoder"])
-                retrieval["local"] = _process_local(retrieval["snapshot"])
+                retrieval["local"] = sharding.process_local(retrieval["snapshot"])
             if refresher is not None:
                 refresher.after_step(step, lambda: _doc_snapshot(trainer, state))
             if bool(step_metrics["nonfinite"]):

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -150,6 +151,14 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def batch_shardings(batch: Any, mesh: Mesh) -> Any:
     """``batch_sharding`` of every leaf of a batch (a ``rag_jax.rag.batches`` type, or any pytree)."""
     return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)), batch)
+
+
+def process_local(tree: Any) -> Any:
+    """``tree`` usable by this process alone (host-side retrieval, a snapshot to embed with): itself in
+    a single-process run, the full values gathered from every process otherwise (all must call this)."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:

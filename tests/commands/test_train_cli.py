@@ -283,8 +283,24 @@ def test_two_processes_train_like_one(task, tmp_path, capsys):
     steps_logged = [r["step"] for r in read_metrics(multi_dir) if "train/loss" in r]
     assert steps_logged == [1, 2, 3, 4]  # one writer
     capsys.readouterr()
-    assert cli.main(["eval", "--run", multi_dir, "--split", "dev"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
+    # evaluation split over two processes (each retrieves for its share of every batch, one program decodes
+    # the batch on all 4 devices, process 0 gathers and writes) equals one process's; 7 examples in batches
+    # of 4, so the second process has one real example in the last batch
+    settings = ["--split", "dev", "--config.eval.max_examples=7"]
+    assert cli.main(["eval", "--run", multi_dir, *settings, f"--predictions={tmp_path / 'one.jsonl'}"]) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert single["step"] == 4
+    evals = [rag_jax_process(["eval", "--run", multi_dir, *settings, f"--predictions={tmp_path / 'two.jsonl'}"], 2,
+                             stderr=subprocess.PIPE, **cluster, JAX_PROCESS_ID=str(i)) for i in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in evals]
+    assert [p.returncode for p in evals] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert not [line for line in outputs[1][0].splitlines() if line.startswith("{")]  # process 1 prints no result
+    multi = json.loads(outputs[0][0].strip().splitlines()[-1])
+    assert {key: v for key, v in multi.items() if key != "predictions"} == {
+        key: v for key, v in single.items() if key != "predictions"
+    }
+    one, two = ([json.loads(line) for line in (tmp_path / name).read_text().splitlines()] for name in ("one.jsonl", "two.jsonl"))
+    assert len(one) == 7 and two == one
 
 
 def test_end_to_end_retriever_training_with_full_reindex_resumes_exactly_and_exports(task, tmp_path):
