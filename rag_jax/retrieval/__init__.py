@@ -30,6 +30,7 @@ from rag_jax.retrieval.generations import IndexGenerations, build_generation, in
 from rag_jax.retrieval.index import (
     ExactIndex,
     Index,
+    ProcessShardedIndex,
     ScannIndex,
     ShardedIndex,
     build_sharded,
@@ -49,6 +50,7 @@ __all__ = [
     "MalformedLineError",
     "Passage",
     "PassageStore",
+    "ProcessShardedIndex",
     "RetrievedBatch",
     "Retriever",
     "ScannIndex",

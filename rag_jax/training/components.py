@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -155,7 +156,8 @@ def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenize
     else:
         with named_by("config.corpus.embeddings"):
             embeddings = load_embeddings(c.embeddings, store=store)
-        index = load_index(c.index)
+        # a multi-host run splits a sharded index over its processes (each holds its shards only)
+        index = load_index(c.index, processes=(jax.process_index(), jax.process_count()) if jax.process_count() > 1 else None)
     return Retriever(
         question_encoder=model.question_encoder,
         question_tokenizer=question_tokenizer,

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from rag_jax.config import resolve
 from rag_jax.data import qa as data
 from rag_jax.errors import ConfigError, UserError
+from rag_jax.retrieval import ProcessShardedIndex
 from rag_jax.training import checkpointing, components, reindex, sharding
 from rag_jax.training.batches import closed_book_batch, rag_batch
 from rag_jax.training.components import build_model, build_retriever, read_split, split_format, tokenizers
@@ -69,12 +70,16 @@ class _Pending:
     data_state: dict
 
 
-def _step_batches(iterator, examples, make_batch, window_end, retrieval_for, start_step: int) -> Iterator[_Pending]:
+def _step_batches(iterator, examples, make_batch, window_end, retrieval_for, start_step: int,
+                  background: bool = True) -> Iterator[_Pending]:  # fmt: skip
     """Batches for the steps after ``start_step``. The steps of each window ``(s, window_end(s)]`` are
     retrieved in one background thread, ahead of the device, with what ``retrieval_for(s + 1)`` returns
     when the window starts (the question encoder and the corpus; windows end at steps that depend on
-    the step alone, so a resumed run retrieves with the same encoders and index as an uninterrupted one)."""
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval")
+    the step alone, so a resumed run retrieves with the same encoders and index as an uninterrupted one).
+    ``background=False`` retrieves in the calling thread when the window starts (a search that is itself
+    collective, ``ProcessShardedIndex``, must be issued in the same order as the steps' collectives)."""
+    pool = _CallingThread() if not background else concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="retrieval")  # fmt: skip
     step = start_step
     try:
         while True:
@@ -87,6 +92,18 @@ def _step_batches(iterator, examples, make_batch, window_end, retrieval_for, sta
             yield from window
     finally:  # the batch being retrieved is finished, so no thread outlives the loop
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _CallingThread:
+    """The part of ``ThreadPoolExecutor`` ``_step_batches`` uses, running each call at once."""
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
 
 
 def _doc_snapshot(trainer: Trainer, state):
@@ -208,7 +225,8 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
 
     writer = MetricWriter(cfg.run_dir, start_step=start)
     restore_signals = checkpointing.install_preemption_handler()
-    batches = _step_batches(iterator, train_examples, make_batch, window_end, retrieval_for, start)
+    batches = _step_batches(iterator, train_examples, make_batch, window_end, retrieval_for, start,
+                            background=not isinstance(getattr(retriever, "index", None), ProcessShardedIndex))  # fmt: skip
     skipped, dev_metrics, step = 0, {}, start
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not progress or process_index != 0)
     window_start, window_steps = time.perf_counter(), 0

@@ -260,13 +260,22 @@ def free_port() -> int:
 def test_two_processes_train_like_one(task, tmp_path, capsys):
     """Two ``rag-jax train`` processes (2 CPU devices each, gloo collectives, loopback coordinator)
     give the per-step losses of one process with the same 4 devices' mesh and global batch; only
-    process 0 writes logs; the checkpoint restores in a single process (``rag-jax eval``, 8 devices)."""
+    process 0 writes logs; the checkpoint restores in a single process (``rag-jax eval``, 8 devices).
+    The two processes search a 3-shard exact index split between them (``ProcessShardedIndex``: shards 0
+    and 2 on one, 1 on the other), the single process the same passages in one exact index."""
+    from rag_jax.retrieval import ExactIndex, build_sharded, load_embeddings
+
+    embeddings = np.asarray(load_embeddings(task.embeddings))
+    ExactIndex.build(embeddings).save(str(tmp_path / "exact"))
+    build_sharded(embeddings, 3, kind="exact").save(str(tmp_path / "sharded"))
     settings = ["--no-progress", "--config.train.steps=4", "--config.train.eval_every=4"]
     single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
-    single_process = rag_jax_process(["train", "--config", write_config(task, tmp_path, single_dir), *settings], 4)
+    single_process = rag_jax_process(["train", "--config", write_config(task, tmp_path, single_dir), *settings,
+                                      f"--config.corpus.index={tmp_path / 'exact'}"], 4)  # fmt: skip
 
     (tmp_path / "m").mkdir()
     spec = write_config(task, tmp_path / "m", multi_dir)
+    settings.append(f"--config.corpus.index={tmp_path / 'sharded'}")
     address = f"localhost:{free_port()}"
     cluster = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2"}
     processes = [rag_jax_process(["train", "--config", spec, *settings], 2, **cluster, JAX_PROCESS_ID=str(i))

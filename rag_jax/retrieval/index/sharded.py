@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 from typing import Sized
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from rag_jax.retrieval.embed import load_embeddings
 from rag_jax.retrieval.index.base import check_build_inputs, check_queries, merge_topk, read_meta, write_meta
@@ -63,6 +65,49 @@ class ShardedIndex:
         meta = read_meta(directory, "sharded")
         shards = [KINDS[meta["shard_kind"]].load(shard_dir(directory, s), **kwargs) for s in range(len(meta["offsets"]))]
         return cls(shards, meta["offsets"], meta["shard_kind"])
+
+
+class ProcessShardedIndex:
+    """A sharded index split over the processes of a multi-host run (``jax.distributed``): process ``p``
+    of ``P`` loads and holds only shards ``p, p + P, ...``, so each holds about 1/P of the index.
+
+    ``search`` is collective, every process calls it with its own queries (any number, the same ``k``):
+    the queries of all processes are gathered, each process searches them on its shards, and the
+    per-process top-k (ids, scores) are gathered and merged with ``merge_topk`` (descending score, ties by
+    ascending id): each process gets the global top-k of its own queries, exactly what one process with
+    the whole ``ShardedIndex`` returns. Both gathers are jax's ``multihost_utils.process_allgather``."""
+
+    def __init__(self, shards: list, offsets: list[int], kind: str, size: int, dim: int):
+        self.shards, self.offsets, self.kind, self.size, self.dim = shards, list(offsets), kind, size, dim
+
+    @classmethod
+    def load(cls, directory: str, process_index: int, process_count: int, **kwargs) -> "ProcessShardedIndex":
+        meta = read_meta(directory, "sharded")
+        mine = range(process_index, len(meta["offsets"]), process_count)
+        if not mine:
+            raise ValueError(f"{directory}: {len(meta['offsets'])} shards cannot be split over {process_count} "
+                             "processes (rebuild it with `rag-jax build-index --shards` at least the process count)")  # fmt: skip
+        shards = [KINDS[meta["shard_kind"]].load(shard_dir(directory, s), **kwargs) for s in mine]
+        return cls(shards, [meta["offsets"][s] for s in mine], meta["shard_kind"], meta["size"], meta["dim"])
+
+    def search(self, queries: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        q = check_queries(queries, self.dim, self.size, k)
+        counts = multihost_utils.process_allgather(np.array([q.shape[0]], np.int64)).reshape(-1)
+        width, me = int(counts.max()), jax.process_index()
+        padded = np.zeros((width, self.dim), np.float32)
+        padded[: q.shape[0]] = q
+        every_q = multihost_utils.process_allgather(padded).reshape(-1, self.dim)  # [P * width, D]
+        missing = (np.full((len(every_q), k), -1, np.int64), np.full((len(every_q), k), -np.inf, np.float32))
+        partial = [missing]  # fewer than k rows here: the other processes' candidates fill the top-k
+        for shard, offset in zip(self.shards, self.offsets):
+            ids, scores = shard.search(every_q, min(k, shard.size), **kwargs)
+            partial.append((ids + offset, scores))
+        local_ids, local_scores = merge_topk(partial, k)
+        every_ids = multihost_utils.process_allgather(local_ids)  # [P, P * width, k]
+        every_scores = multihost_utils.process_allgather(local_scores)
+        ids, scores = merge_topk(list(zip(every_ids, every_scores)), k)
+        rows = slice(me * width, me * width + q.shape[0])
+        return ids[rows], scores[rows]
 
 
 def build_sharded(embeddings, num_shards: int, *, kind: str = "scann", passages: Sized | None = None, **build_kwargs) -> ShardedIndex:
