@@ -3,7 +3,8 @@
 The task is the quickstart's knowledge base with every last name written in the passages as a code
 word (``generate_kb(aliases=True)``; questions keep the real names): pretrained MiniLM finds the
 answer in its top 5 for about a fifth of the test questions (0.98 on the plain task). Five runs from
-the same pretrained generator, seeds and steps:
+the same generator (pretrained on the passages, then warmed up as a reader by ``--reader-warmup-steps``
+RAG steps on the plain knowledge base, ``warm_reader``), seeds and steps:
 
 * frozen retriever (both encoders frozen: the paper's "Frozen"),
 * query-side only (the question encoder trained, the document encoder and index frozen: the paper),
