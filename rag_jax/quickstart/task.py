@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import logging
 import os
+from typing import Sequence
 
 import jax
 import ml_collections
@@ -119,7 +120,7 @@ def _write_kb_keeping_unchanged(kb, directory: str) -> dict[str, str]:
 
 def prepare_task(root: str, *, entities: int, generator: BartConfig, seed: int = 0,
                  encoder: str | BertConfig = "minilm", index: str = "scann", embed_max_length: int = 64,
-                 aliases: bool = False, progress: bool = True) -> TaskPaths:  # fmt: skip
+                 aliases: bool = False, extra_words: Sequence[str] = (), progress: bool = True) -> TaskPaths:  # fmt: skip
     """Write the knowledge base, the model folders, the embeddings and the index under ``root``.
 
     ``generator``: the BART size (its ``vocab_size`` is set from the word-level tokenizer).
@@ -127,11 +128,12 @@ def prepare_task(root: str, *, entities: int, generator: BartConfig, seed: int =
     ``BertConfig`` (a random encoder of that size) or an encoder folder.
     ``aliases``: the aliased knowledge base (passages write last names as code words, the
     end-to-end retriever training task: ``knowledge_base.generate_kb``); the generator's
-    tokenizer then also knows the code words."""
+    tokenizer then also knows the code words. ``extra_words``: more words for the generator's
+    tokenizer (targets of other tasks over the same corpus, e.g. FEVER's labels)."""
     kb = knowledge_base.generate_kb(entities, seed, aliases=aliases)
     files = _write_kb_keeping_unchanged(kb, os.path.join(root, "kb"))
     codes = knowledge_base.alias_codes(seed).values() if aliases else ()
-    tokenizer = knowledge_base.generator_tokenizer(knowledge_base.vocabulary_texts(codes))
+    tokenizer = knowledge_base.generator_tokenizer(knowledge_base.vocabulary_texts([*codes, *extra_words]))
 
     label = None
     if encoder == "minilm":
