@@ -20,7 +20,7 @@ import time
 from rag_jax.errors import ConfigError, named_by
 
 INDEX_KINDS = ("scann", "exact")
-SCANN_OPTIONS = ("num_leaves", "leaves_to_search", "reorder_factor", "reorder_dtype")
+SCANN_OPTIONS = ("num_leaves", "leaves_to_search", "reorder_factor", "reorder_dtype", "target_recall")
 
 
 def _folder_size(directory: str) -> int:
@@ -119,8 +119,20 @@ def _build_index(args: argparse.Namespace) -> int:
     index.save(args.out)
     shards = f" in {args.shards} shards" if args.shards > 1 else ""
     print(f"built a {args.kind} index over [{index.size}, {index.dim}]{shards} in {build_seconds:.1f} s; "
-          f"saved to {args.out} ({_mib(_folder_size(args.out))})")  # fmt: skip
+          f"saved to {args.out} ({_mib(_folder_size(args.out))}){_recall_note(index)}")  # fmt: skip
     return 0
+
+
+def _recall_note(index) -> str:
+    """What a ScaNN build measured (``meta["recall"]``, per shard when sharded), or ""."""
+    measured = [shard.meta["recall"] for shard in getattr(index, "shards", [index]) if "recall" in getattr(shard, "meta", {})]
+    if not measured:
+        return ""
+    key = next(name for name in measured[0] if name.startswith("recall_at_"))
+    settings = ", ".join(f"{m['leaves_to_search']} leaves x reorder {m['reorder_factor']}" for m in measured)
+    target = f" (target {measured[0]['target']})" if measured[0]["target"] is not None else ""
+    return (f"; recall@{key.rsplit('_', 1)[1]} against exact search on "
+            f"{measured[0]['queries']} sampled queries: {min(m[key] for m in measured):.3f}{target}, searching {settings}")
 
 
 def register(sub) -> None:
@@ -188,8 +200,14 @@ def register(sub) -> None:
     )
     build.add_argument("--num-leaves", type=int, default=None, help="scann: tree leaves (default sqrt(N))")
     build.add_argument(
-        "--leaves-to-search", type=int, default=None, help="scann: leaves searched per query (default 10%%)"
-    )
+        "--leaves-to-search", type=int, default=None,
+        help="scann: leaves searched per query (default: the fewest reaching --target-recall)",
+    )  # fmt: skip
+    build.add_argument(
+        "--target-recall", type=float, default=None,
+        help="scann: recall@10 against exact search the search settings are tuned to, on sampled rows plus noise "
+             "(default 0.95; lower is faster)",
+    )  # fmt: skip
     build.add_argument(
         "--reorder-factor",
         type=int,

@@ -67,3 +67,14 @@ def clustered_queries(
     rng = np.random.default_rng([seed, 2])
     q = centers[rng.integers(num_clusters, size=num_queries)]
     return q + rng.standard_normal((num_queries, dim), dtype=np.float32) * np.float32(spread / np.sqrt(dim))
+
+
+def low_rank_vectors(n: int, dim: int = 32, rank: int = 6, *, noise: float = 0.3, norm_sigma: float = 0.7,
+                     seed: int = 0, basis_seed: int = 123) -> np.ndarray:  # fmt: skip
+    """Data unlike ``clustered_vectors``: ``n`` rows on a ``rank``-dimensional subspace (a fixed random
+    basis from ``basis_seed``) plus isotropic ``noise``, each scaled by a log-normal norm (``norm_sigma``:
+    heavy-tailed norms). Queries: the same call with another ``seed``."""
+    basis = np.random.default_rng(basis_seed).standard_normal((rank, dim)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, rank)).astype(np.float32) @ basis + noise * rng.standard_normal((n, dim)).astype(np.float32)
+    return x * rng.lognormal(0.0, norm_sigma, (n, 1)).astype(np.float32)
