@@ -1,6 +1,8 @@
 """``rag-jax split-corpus`` (documents into DPR-style passages with stable ids), ``rag-jax embed``
-(encode every passage of a corpus into embedding shards, resumably) and ``rag-jax build-index``
-(build a ScaNN or exact MIPS index over them and save it).
+(encode every passage of a corpus into embedding shards, resumably), ``rag-jax build-index``
+(build a ScaNN or exact MIPS index over them and save it) and ``rag-jax update-index`` (add, replace
+and delete passages of such a corpus without embedding it again or retraining the index: only the new
+and changed passages are encoded; ``rag_jax.retrieval.update``).
 
 ``embed`` wraps ``rag_jax.retrieval.embed_passages``: a progress bar with throughput and ETA; a
 re-run with the same arguments skips the complete shards and gives the same bytes as one
@@ -20,6 +22,7 @@ import time
 from rag_jax.errors import ConfigError, named_by
 
 INDEX_KINDS = ("scann", "exact")
+REBUILD_AFTER = 0.25  # share of a ScaNN index's rows changed since its build past which update-index suggests a rebuild
 SCANN_OPTIONS = ("num_leaves", "leaves_to_search", "reorder_factor", "reorder_dtype", "target_recall")
 
 
@@ -135,6 +138,50 @@ def _recall_note(index) -> str:
             f"{measured[0]['queries']} sampled queries: {min(m[key] for m in measured):.3f}{target}, searching {settings}")
 
 
+def _update_index(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from rag_jax.hf.encoder import load_encoder
+    from rag_jax.retrieval import PassageStore, hf_tokenize_fn, load_index, read_manifest
+    from rag_jax.retrieval.update import plan_updates, read_updates, update_corpus
+
+    with named_by("--embeddings"):
+        encoder_name = read_manifest(args.embeddings).get("encoder_name")
+    if encoder_name and encoder_name != os.path.abspath(args.encoder):
+        raise ConfigError(f"the embeddings were made by {encoder_name}; new passages must be encoded by the same "
+                          "encoder", what="--encoder")  # fmt: skip
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise ConfigError(f"{args.out} exists and is not empty: the updated corpus goes to a new folder", what="--out")
+    with named_by("--passages"):
+        store = PassageStore.open(args.passages, progress=True)
+    with store:
+        plan_updates(store, read_updates(args.updates), args.updates)  # a bad line fails before anything loads
+        with named_by("--index"):
+            index = load_index(args.index)
+        encoder = load_encoder(args.encoder, pooling=args.pooling)
+        tokenizer = AutoTokenizer.from_pretrained(args.encoder)
+        result = update_corpus(store, args.embeddings, index, args.updates, args.out, encoder.encode,
+                               hf_tokenize_fn(tokenizer, args.max_length), batch_size=args.batch_size)  # fmt: skip
+    c, t = result.counts, result.seconds
+    print(f"updated {c['before']} passages: {c['added']} added, {c['replaced']} replaced, {c['deleted']} deleted -> "
+          f"{c['after']}; embedded {c['added'] + c['replaced']} in {t['embed']:.1f} s, index updated in {t['index']:.1f} s "
+          f"without retraining, written in {t['write']:.1f} s to {args.out} (passages.{store.format}, embeddings/, "
+          f"index/){_changed_note(result.index)}")  # fmt: skip
+    result.store.close()
+    return 0
+
+
+def _changed_note(index) -> str:
+    """The share of a ScaNN index's rows changed since its build (its tree and codebooks are that old), or ""."""
+    metas = [getattr(shard, "meta", {}) for shard in getattr(index, "shards", [index])]
+    updates = [meta["updates"] for meta in metas if meta.get("tree") and "updates" in meta]  # brute force: exact anyway
+    if not updates:
+        return ""
+    changed = sum(u["replaced"] + u["added"] + u["deleted"] for u in updates) / sum(u["built_size"] for u in updates)
+    return (f"; {changed:.1%} of the rows changed since the ScaNN build (tree and codebooks kept: rebuild with "
+            f"`rag-jax build-index` when this grows past {REBUILD_AFTER:.0%})")
+
+
 def register(sub) -> None:
     embed = sub.add_parser("embed", help="encode every passage of a TSV/JSONL corpus into embedding shards (resumable)")
     embed.add_argument("--passages", required=True, help="DPR-style TSV (id, text, title) or JSONL passages")
@@ -221,3 +268,20 @@ def register(sub) -> None:
         help="scann: rescoring copy of the rows, float32 (exact scores, 4 bytes/dim; default) or int8 (1 byte/dim)",
     )
     build.set_defaults(handler=_build_index)
+
+    update = sub.add_parser("update-index", help="add, replace and delete passages of a corpus (passages, embeddings, "
+                            "index) without embedding it again or retraining the index")  # fmt: skip
+    update.add_argument("--passages", required=True, help="the corpus file (TSV or JSONL) the embeddings were made from")
+    update.add_argument("--embeddings", required=True, help="its embedding folder (written by `rag-jax embed`)")
+    update.add_argument("--index", required=True, help="the index folder built over them (`rag-jax build-index`)")
+    update.add_argument("--updates", required=True, help='JSONL, one update a line: {"op": "add"|"replace", "id", '
+                        '"title", "text"} or {"op": "delete", "id"}')  # fmt: skip
+    update.add_argument("--encoder", required=True, help="the passage encoder folder the embeddings were made with")
+    update.add_argument("--out", required=True, help="a new folder for the updated corpus: passages.tsv|jsonl, "
+                        "embeddings/, index/")  # fmt: skip
+    update.add_argument("--batch-size", type=int, default=64, help="passages per encoder call (default 64)")
+    update.add_argument("--max-length", type=int, default=256, help="passage tokens, as given to `rag-jax embed` "
+                        "(default 256)")  # fmt: skip
+    update.add_argument("--pooling", default=None, choices=("cls", "mean", "mean_normalized"),
+                        help="the pooling given to `rag-jax embed`, if any")  # fmt: skip
+    update.set_defaults(handler=_update_index)

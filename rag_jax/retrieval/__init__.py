@@ -4,7 +4,8 @@ Rows are the one key shared by all three: row ``i`` of a ``PassageStore`` is row
 embeddings ``embed_passages`` writes and id ``i`` in every index's search results. ``Retriever``
 turns questions into the generator's inputs over one such corpus (``retriever.py``, ``context.py``);
 ``IndexGenerations`` holds the corpus re-embedded and re-indexed with snapshots of a document encoder
-in training (``generations.py``).
+in training (``generations.py``); ``update_corpus`` adds, replaces and deletes passages of a corpus
+without embedding it again or retraining its index (``update.py``).
 """
 
 from rag_jax.retrieval.bm25 import BM25Index
@@ -39,6 +40,7 @@ from rag_jax.retrieval.index import (
     merge_topk,
 )
 from rag_jax.retrieval.retriever import RetrievedBatch, Retriever, train_batch
+from rag_jax.retrieval.update import UpdatedCorpus, read_updates, update_corpus
 
 __all__ = [
     "BM25Index",
@@ -55,6 +57,7 @@ __all__ = [
     "Retriever",
     "ScannIndex",
     "ShardedIndex",
+    "UpdatedCorpus",
     "build_generation",
     "build_sharded",
     "context_string",
@@ -69,10 +72,12 @@ __all__ = [
     "passage_inputs",
     "read_manifest",
     "read_passages",
+    "read_updates",
     "snapshot_encode_fn",
     "split_into_passages",
     "tokenize_contexts",
     "train_batch",
+    "update_corpus",
     "write_passages_tsv",
     "write_scaled_embeddings",
 ]

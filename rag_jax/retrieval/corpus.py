@@ -40,6 +40,7 @@ from __future__ import annotations
 import array
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -437,6 +438,83 @@ class PassageStore:
 
     def __reduce__(self):
         return (_reopen, (self.path, self.sidecar))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing an edited copy
+
+
+COPY_BLOCK = 65536  # records read with one pread when copying
+
+
+def stored_passage(passage: Passage, format: str) -> Passage:
+    """``passage`` as a file of ``format`` gives it back: in TSV, runs of whitespace (tabs and line
+    breaks included) in the title and text become single spaces, as ``write_passages_tsv`` writes them."""
+    if format != "tsv":
+        return passage
+    return Passage(passage.id, " ".join(passage.title.split()), " ".join(passage.text.split()))
+
+
+def _tsv_header(store: PassageStore) -> bytes:
+    """The store's header line (its first decodable non-blank line, when that is a header), else
+    ``id text title``: the columns ``store``'s records are in."""
+    with open_input(store.path) as f:
+        for lineno, _, raw in numbered_lines(f, store.path):
+            if not raw.strip():
+                continue
+            try:
+                line = decode_line(raw)
+            except BadLine:
+                continue
+            if _TsvParser().header(line, f"{store.path}:{lineno}"):
+                return line.encode("utf-8") + b"\n"
+            break
+    return b"id\ttext\ttitle\n"
+
+
+def _new_record(store: PassageStore, passage: Passage) -> bytes:
+    if store.format == "jsonl":
+        return (json.dumps({"id": passage.id, "title": passage.title, "text": passage.text}, ensure_ascii=False) + "\n").encode()
+    passage = stored_passage(passage, "tsv")
+    fields = [""] * store._tsv.num_fields
+    for position, value in zip(store._tsv.columns, (passage.id, passage.text, passage.title)):
+        fields[position] = value
+    out = io.StringIO()
+    csv.writer(out, delimiter="\t", lineterminator="\n").writerow(fields)
+    return out.getvalue().encode("utf-8")
+
+
+def write_corpus_rows(store: PassageStore, path: str, rows: np.ndarray, passages: Sequence[Passage]) -> None:
+    """Write a corpus file in ``store``'s format (TSV with its header and columns, or JSONL) whose record
+    ``i`` is the store's row ``rows[i]`` copied byte for byte, or, where ``rows[i]`` is -1, the next of
+    ``passages`` (TSV: as ``stored_passage``). Opened as a ``PassageStore`` its row ``i`` is record ``i``
+    when the new passages have text and ids that are new to it (the caller checks). Written to a temporary
+    name and renamed; runs of consecutive rows are copied ``COPY_BLOCK`` records per read."""
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if int((rows == -1).sum()) != len(passages):
+        raise ValueError(f"{int((rows == -1).sum())} rows marked new but {len(passages)} passages given")
+    starts = np.flatnonzero(np.concatenate([[True], (np.diff(rows) != 1) | (rows[1:] == -1) | (rows[:-1] == -1)]))
+    stops = np.append(starts[1:], len(rows))
+    new = iter(passages)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        if store.format == "tsv":
+            f.write(_tsv_header(store))
+        for start, stop in zip(starts.tolist(), stops.tolist()):
+            if rows[start] == -1:
+                f.write(_new_record(store, next(new)))
+                continue
+            for a in range(int(rows[start]), int(rows[start]) + stop - start, COPY_BLOCK):
+                b = min(a + COPY_BLOCK, int(rows[start]) + stop - start)
+                offsets, lengths = store.offsets[a:b].astype(np.int64), store.lengths[a:b].astype(np.int64)
+                base = int(offsets[0])
+                buf = os.pread(store._fd, int(offsets[-1] + lengths[-1]) - base, base)
+                if np.array_equal(offsets[1:], offsets[:-1] + lengths[:-1]):  # no skipped line between them
+                    f.write(buf if buf.endswith(b"\n") else buf + b"\n")  # the file's last line may lack one
+                else:
+                    f.writelines(buf[o - base : o - base + n].rstrip(b"\r\n") + b"\n"
+                                 for o, n in zip(offsets.tolist(), lengths.tolist()))  # fmt: skip
+    os.replace(tmp, path)
 
 
 def _int_or_none(x) -> int | None:

@@ -254,6 +254,25 @@ def embed_passages(
     return manifest
 
 
+def encode_passages(
+    passages: Sequence[Passage],
+    encode_fn: EncodeFn,
+    tokenize_fn: TokenizeFn,
+    *,
+    batch_size: int,
+    dtype: str = "float32",
+    input_mode: str = "pair",
+    devices: Sequence[jax.Device] | None = None,
+) -> np.ndarray:
+    """``[len(passages), D]`` vectors of some passages in the storage ``dtype``, batched and padded as
+    ``embed_passages`` does (e.g. the new and changed passages of a corpus update)."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
+    encoder = _BatchEncoder(encode_fn, tokenize_fn, batch_size, input_mode, list(devices or jax.local_devices()))
+    batches = (passages[i : i + batch_size] for i in range(0, len(passages), batch_size))
+    return encoder.encode(batches, len(passages), STORAGE_DTYPES[dtype])
+
+
 class EmbeddingShards:
     """A read-only ``[N, D]`` array made of consecutive row shards (memory-mapped ``.npy`` files),
     without concatenating them: ``shape``, ``dtype``, ``len``, integer rows and contiguous row
@@ -328,6 +347,35 @@ def load_embeddings(out_dir: str, mmap: bool = True, store: PassageStore | None 
     if total != manifest["num_passages"]:
         raise ValueError(f"{out_dir}: the shards hold {total} rows, the manifest says {manifest['num_passages']}")
     return EmbeddingShards(shards) if mmap else np.concatenate(shards)
+
+
+def write_embedding_rows(embeddings, out_dir: str, rows: np.ndarray, vectors: np.ndarray, settings: dict) -> dict:
+    """Write an embedding folder whose row ``i`` is ``embeddings[rows[i]]`` (any ``[N, D]`` array with
+    contiguous row slices, e.g. ``load_embeddings``'s) or, where ``rows[i]`` is -1, the next row of
+    ``vectors``; shards of ``settings["shard_size"]`` rows in ``settings["dtype"]``, and a manifest of
+    ``settings`` with the counts (its ``source`` must fingerprint the corpus the rows are of). Returns
+    the manifest."""
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    dtype = STORAGE_DTYPES[settings["dtype"]]
+    if int((rows == -1).sum()) != len(vectors):
+        raise ValueError(f"{int((rows == -1).sum())} rows marked new but {len(vectors)} vectors given")
+    shard_size, dim, used = settings["shard_size"], embeddings.shape[1], 0
+    os.makedirs(out_dir, exist_ok=True)
+    for s in range(num_shards(len(rows), shard_size)):
+        part = rows[s * shard_size : (s + 1) * shard_size]
+        block = np.empty((len(part), dim), dtype)
+        new = part == -1
+        block[new] = vectors[used : used + int(new.sum())]
+        used += int(new.sum())
+        starts = np.flatnonzero(np.concatenate([[True], (np.diff(part) != 1) | new[1:] | new[:-1]]))
+        for a, b in zip(starts.tolist(), np.append(starts[1:], len(part)).tolist()):
+            if part[a] != -1:  # a run of consecutive old rows: one slice
+                block[a:b] = embeddings[int(part[a]) : int(part[a]) + b - a]
+        _save_shard_atomic(shard_path(out_dir, s), block)
+    manifest = {**settings, "num_passages": len(rows), "num_shards": num_shards(len(rows), shard_size), "dim": dim,
+                "complete": True}  # fmt: skip
+    write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+    return manifest
 
 
 def write_scaled_embeddings(src_dir: str, dst_dir: str, scale: float) -> None:

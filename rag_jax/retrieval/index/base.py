@@ -10,6 +10,14 @@ An index maps query vectors to the rows of the embedding matrix with the largest
   ids are rows of the embedding matrix (= rows of the ``PassageStore``).
 * ``index.save(directory)`` / ``Index.load(directory)``; ``load_index(directory)`` picks the class.
 * ``index.dim``, ``index.size``.
+* Live updates (``ExactIndex``, ``ScannIndex``, ``ShardedIndex``): ``index.upsert(rows, vectors)``
+  replaces rows below ``size`` and appends rows ``size, size + 1, ...``; ``index.delete(rows) ->
+  source`` removes rows and returns the new layout, ``source[i]`` the old row now at row ``i``:
+  deleted from the highest row down, each deleted row takes the current last row's place
+  (``delete_layout``, ScaNN's own order; a ``ShardedIndex`` does it within each shard). So rows below
+  the new size that survive keep their number, the few survivors above it move into the holes, and a
+  deleted row is never returned (it no longer exists). The passage store and the embeddings follow
+  the same layout (``rag_jax.retrieval.update``).
 
 Ties are ordered by ascending row everywhere (``merge_topk`` defines the order), so results are
 deterministic. Implementations: ``exact.ExactIndex`` (on device), ``scann.ScannIndex``
@@ -117,3 +125,47 @@ def read_meta(directory: str, kind: str | None = None) -> dict:
     if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{directory} holds a {meta.get('kind')!r} index, not {kind!r}")
     return meta
+
+
+def check_delete_rows(size: int, rows) -> np.ndarray:
+    """``rows`` to delete as int64 in descending order; refuses a repeat, a row outside 0..size-1,
+    or deleting every row (an index keeps at least one)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(np.unique(rows)) != len(rows):
+        raise ValueError("rows to delete must not repeat")
+    if len(rows) and not (0 <= rows.min() and rows.max() < size):
+        raise ValueError(f"rows to delete must be in 0..{size - 1}, got {rows.min()}..{rows.max()}")
+    if len(rows) >= size:
+        raise ValueError(f"cannot delete all {size} rows: an index keeps at least one (build a new one)")
+    return np.sort(rows)[::-1]
+
+
+def delete_layout(size: int, rows) -> np.ndarray:
+    """The layout after deleting ``rows`` from ``size`` rows as the indexes do (ScaNN's own order):
+    ``source [size - len(rows)]`` int64, the old row now at each row. Rows go from the highest down,
+    each taking the place of the current last row, so surviving rows below the new size keep their
+    number and the survivors above it fill the holes below it."""
+    source = np.arange(size, dtype=np.int64)
+    n = size
+    for row in check_delete_rows(size, rows).tolist():
+        n -= 1
+        source[row] = source[n]
+    return source[:n]
+
+
+def check_upsert(size: int, dim: int, rows, vectors) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(rows int64, vectors float32 [M, D], number of new rows)`` for ``upsert``: rows below ``size``
+    are replaced, the others must be exactly ``size .. size + new - 1`` (in any order); no repeats,
+    finite vectors of the index's dim."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.shape != (len(rows), dim):
+        raise ValueError(f"{len(rows)} rows need vectors of shape {(len(rows), dim)}, got {vectors.shape}")
+    if len(np.unique(rows)) != len(rows):
+        raise ValueError("rows to upsert must not repeat")
+    new = np.sort(rows[rows >= size])
+    if (len(rows) and rows.min() < 0) or not np.array_equal(new, np.arange(size, size + len(new))):
+        raise ValueError(f"rows must be existing rows (0..{size - 1}) or the next ones ({size}, {size + 1}, ...)")
+    if not np.isfinite(vectors).all():
+        raise ValueError("vectors must be finite")
+    return rows, vectors, len(new)

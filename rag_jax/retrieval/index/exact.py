@@ -1,7 +1,9 @@
 """ExactIndex: brute-force maximum inner product search on the accelerators.
 
-The corpus matrix lives on a 1-D device mesh (axis ``corpus``), rows split evenly over the
-devices and padded with zero rows to ``devices x rows_per_device``, ``rows_per_device`` a multiple of
+The corpus matrix lives on a device mesh, by default 1-D (axis ``corpus``) over the devices given,
+or any mesh with the rows split over all of its axes (``build(mesh=)``: the training mesh
+for retrieval inside the step, ``rag_jax.retrieval.device``); rows split evenly over the
+devices (in the mesh's device order) and padded with zero rows to ``devices x rows_per_device``, ``rows_per_device`` a multiple of
 the chunk size. A search runs, under ``jax.shard_map``, on every device at once: a scan over the
 device's chunks scores ``[Q, chunk]`` (float32 accumulation), keeps the chunk's top-k
 (``lax.top_k``) and merges it into a running ``[Q, k]``; the per-device results are then merged into
@@ -16,6 +18,12 @@ first and every merge concatenates candidates in row order. On TPU, ``tpu_approx
 ignored.
 
 Memory for 21M x 768: 64 GiB in float32, 32 GiB in bfloat16, spread over the mesh.
+
+Live updates (``upsert``, ``delete``; the row layout is ``base``'s) run on the devices: each device
+writes the rows it holds (``row_programs``: no device gathers the corpus); a deletion copies the few
+rows above the new size into the holes and lowers the valid-row count searches mask with. Appending past
+the padded capacity re-lays the rows out for the new size first (for a moment the old and the new
+array are both held).
 """
 
 from __future__ import annotations
@@ -33,7 +41,15 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rag_jax.retrieval.index.base import check_build_inputs, check_queries, read_meta, write_meta
+from rag_jax.retrieval.index.base import (
+    check_build_inputs,
+    check_queries,
+    check_upsert,
+    delete_layout,
+    read_meta,
+    write_meta,
+)
+from rag_jax.retrieval.index.collective import gather_queries
 
 AXIS = "corpus"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -53,10 +69,12 @@ def corpus_layout(n: int, num_devices: int, chunk_size: int) -> tuple[int, int]:
     return chunk, chunk * num_chunks
 
 
-def _local_topk(q_QxD, emb_RxD, *, k: int, chunk: int, n_valid: int, approx_recall: float | None):
-    """One device's top-k over its rows: ``([1, Q, k] scores, [1, Q, k] global rows)``."""
+def local_topk(q_QxD, emb_RxD, *, k: int, chunk: int, n_valid: int, approx_recall: float | None,
+               axes: tuple[str, ...] = (AXIS,)):  # fmt: skip
+    """One device's top-k over its rows, inside ``shard_map`` with the rows split over ``axes``:
+    ``([1, Q, k] scores, [1, Q, k] global rows)``."""
     rows_per_device, dim = emb_RxD.shape
-    first_row = lax.axis_index(AXIS) * rows_per_device
+    first_row = lax.axis_index(axes) * rows_per_device
     chunks_GxCxD = emb_RxD.reshape(rows_per_device // chunk, chunk, dim)
     q_QxD = q_QxD.astype(emb_RxD.dtype)
     kk = min(k, chunk)
@@ -78,16 +96,17 @@ def _local_topk(q_QxD, emb_RxD, *, k: int, chunk: int, n_valid: int, approx_reca
 
     num_queries = q_QxD.shape[0]
     init = (jnp.full((num_queries, k), -jnp.inf, jnp.float32), jnp.full((num_queries, k), -1, jnp.int32))
-    init = lax.pcast(init, (AXIS,), to="varying")  # the carry differs per device
+    init = lax.pcast(init, axes, to="varying")  # the carry differs per device
     (s_QxK, i_QxK), _ = lax.scan(step, init, (jnp.arange(chunks_GxCxD.shape[0]), chunks_GxCxD))
     return s_QxK[None], i_QxK[None]
 
 
 @functools.lru_cache(maxsize=64)
-def search_program(mesh: Mesh, k: int, chunk: int, n_valid: int, approx_recall: float | None):
+def search_program(mesh: Mesh, k: int, chunk: int, n_valid: int, approx_recall: float | None,
+                   axes: tuple[str, ...] = (AXIS,)):  # fmt: skip
     """The jitted search ``(queries [Q, D], corpus [N_pad, D]) -> (scores [Q, k], rows [Q, k])``."""
-    local = functools.partial(_local_topk, k=k, chunk=chunk, n_valid=n_valid, approx_recall=approx_recall)
-    per_device = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS, None)), out_specs=(P(AXIS), P(AXIS)))
+    local = functools.partial(local_topk, k=k, chunk=chunk, n_valid=n_valid, approx_recall=approx_recall, axes=axes)
+    per_device = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes, None)), out_specs=(P(axes), P(axes)))
 
     @jax.jit
     def search(q_QxD, emb_NxD):
@@ -117,9 +136,10 @@ def abstract_search(size: int, dim: int, *, k: int, query_batch: int, dtype: str
 class ExactIndex:
     """Exact MIPS over a corpus sharded across devices (see the module docstring)."""
 
-    def __init__(self, emb_NxD: jax.Array, size: int, chunk: int, mesh: Mesh, dtype: str, chunk_size: int, tpu_approx_recall: float | None):
+    def __init__(self, emb_NxD: jax.Array, size: int, chunk: int, mesh: Mesh, dtype: str, chunk_size: int,
+                 tpu_approx_recall: float | None, axes: tuple[str, ...] = (AXIS,)):  # fmt: skip
         self.emb_NxD, self.size, self.dim = emb_NxD, size, emb_NxD.shape[1]
-        self.chunk, self.mesh, self.dtype, self.chunk_size = chunk, mesh, dtype, chunk_size
+        self.chunk, self.mesh, self.dtype, self.chunk_size, self.axes = chunk, mesh, dtype, chunk_size, tuple(axes)
         on_tpu = mesh.devices.flat[0].platform == "tpu"
         self.approx_recall = tpu_approx_recall if on_tpu else None
         self.tpu_approx_recall = tpu_approx_recall
@@ -134,14 +154,19 @@ class ExactIndex:
         chunk_size: int = 32768,
         tpu_approx_recall: float | None = None,
         passages: Sized | None = None,
+        mesh: Mesh | None = None,
     ) -> "ExactIndex":
         """Copy ``embeddings`` [N, D] (any array-like with row slices, e.g. memory-mapped shards)
-        to ``devices`` (default: all), each device reading only its rows."""
+        to ``devices`` (default: all), each device reading only its rows; or to ``mesh``, the rows
+        split over all of its axes (in its device order), e.g. a training mesh."""
         n, dim = check_build_inputs(embeddings, passages)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-        devices = list(devices if devices is not None else jax.devices())
-        mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+        if mesh is None:
+            devices = list(devices if devices is not None else jax.devices())
+            mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+        axes = tuple(mesh.axis_names)
+        devices = list(mesh.devices.flat)
         chunk, rows_per_device = corpus_layout(n, len(devices), chunk_size)
         storage = DTYPES[dtype]
 
@@ -152,14 +177,17 @@ class ExactIndex:
             block[: len(real)] = real
             return block
 
-        emb = jax.make_array_from_callback((rows_per_device * len(devices), dim), NamedSharding(mesh, P(AXIS, None)), rows)
-        return cls(emb, n, chunk, mesh, dtype, chunk_size, tpu_approx_recall)
+        emb = jax.make_array_from_callback((rows_per_device * len(devices), dim), NamedSharding(mesh, P(axes, None)), rows)
+        return cls(emb, n, chunk, mesh, dtype, chunk_size, tpu_approx_recall, axes)
 
     def search(self, queries: np.ndarray, k: int, *, query_batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows by inner product: ``(ids [Q, k] int64, scores [Q, k] float32)``. Queries go in
         blocks of a power of two up to ``query_batch`` (few compiled shapes)."""
         q = check_queries(queries, self.dim, self.size, k)
-        program = search_program(self.mesh, k, self.chunk, self.size, self.approx_recall)
+        own = slice(None)
+        if not self.emb_NxD.is_fully_addressable:  # a mesh over several processes: every process's queries at once
+            q, own = gather_queries(q)
+        program = search_program(self.mesh, k, self.chunk, self.size, self.approx_recall, self.axes)
         block = min(query_batch, 1 << max(3, math.ceil(math.log2(max(len(q), 1)))))
         ids, scores = [], []
         replicated = NamedSharding(self.mesh, P())
@@ -167,12 +195,12 @@ class ExactIndex:
             part = q[start : start + block]
             padded = np.zeros((block, self.dim), np.float32)
             padded[: len(part)] = part
-            s, i = program(jax.device_put(padded, replicated), self.emb_NxD)
-            scores.append(np.asarray(s)[: len(part)])
-            ids.append(np.asarray(i)[: len(part)].astype(np.int64))
+            s, i = program(jax.make_array_from_callback(padded.shape, replicated, lambda at: padded[at]), self.emb_NxD)
+            scores.append(np.asarray(s.addressable_data(0))[: len(part)])
+            ids.append(np.asarray(i.addressable_data(0))[: len(part)].astype(np.int64))
         if not ids:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        return np.concatenate(ids), np.concatenate(scores)
+        return np.concatenate(ids)[own], np.concatenate(scores)[own]
 
     def save(self, directory: str) -> None:
         """The embeddings (without padding; bfloat16 as uint16 bits) and ``index.json``; each
@@ -202,3 +230,83 @@ class ExactIndex:
         if emb.shape != (meta["size"], meta["dim"]):
             raise ValueError(f"{directory}: embeddings have shape {emb.shape}, index.json says {(meta['size'], meta['dim'])}")
         return cls.build(emb, dtype=meta["dtype"], devices=devices, chunk_size=meta["chunk_size"], tpu_approx_recall=meta["tpu_approx_recall"])
+
+    # -- live updates (``base``: the row layout) ------------------------------------------------------
+
+    def upsert(self, rows, vectors, *, block: int = 65536) -> None:
+        """Replace rows below ``size`` and append rows ``size, size + 1, ...`` with ``vectors`` [M, D]
+        (``base.check_upsert``), written on the devices that hold them, ``block`` rows at a time."""
+        rows, vectors, added = check_upsert(self.size, self.dim, rows, vectors)
+        if not len(rows):
+            return
+        if self.size + added > self.emb_NxD.shape[0]:
+            self._grow(self.size + added)
+        self._set_rows(rows, vectors, block)
+        self.size += added
+
+    def delete(self, rows, *, block: int = 65536) -> np.ndarray:
+        """Remove ``rows``: the rows above the new size that survive are copied into the holes below it
+        (``base.delete_layout``, which the returned ``source``, the old row now at each row, is)."""
+        source = delete_layout(self.size, rows)
+        holes = np.flatnonzero(source != np.arange(len(source)))
+        for start in range(0, len(holes), block):
+            part = holes[start : start + block]
+            self._set_rows(part, self._get_rows(source[part]), block)
+        self.size = len(source)
+        return source
+
+    def _padded(self, rows: np.ndarray) -> np.ndarray:
+        """Rows padded to a power of two with -1 (no row): few compiled shapes."""
+        out = np.full(1 << max(3, math.ceil(math.log2(max(len(rows), 1)))), -1, np.int32)
+        out[: len(rows)] = rows
+        return out
+
+    def _set_rows(self, rows: np.ndarray, vectors: np.ndarray, block: int) -> None:
+        set_rows, _ = row_programs(self.mesh, self.axes)
+        replicated = NamedSharding(self.mesh, P())
+        for start in range(0, len(rows), block):
+            part = self._padded(rows[start : start + block])
+            values = np.zeros((len(part), self.dim), np.float32)
+            values[: min(block, len(rows) - start)] = vectors[start : start + block]
+            self.emb_NxD = set_rows(self.emb_NxD, jax.device_put(part, replicated), jax.device_put(values, replicated))
+
+    def _get_rows(self, rows: np.ndarray) -> np.ndarray:
+        _, get_rows = row_programs(self.mesh, self.axes)
+        values = get_rows(self.emb_NxD, jax.device_put(self._padded(rows), NamedSharding(self.mesh, P())))
+        return np.asarray(values)[: len(rows)]
+
+    def _grow(self, size: int) -> None:
+        """Re-lay the rows out on the devices for ``size`` rows (``corpus_layout``, as ``build`` would)."""
+        chunk, rows_per_device = corpus_layout(size, self.mesh.devices.size, self.chunk_size)
+        capacity = rows_per_device * self.mesh.devices.size
+        sharding = NamedSharding(self.mesh, P(self.axes, None))
+        grow = jax.jit(lambda e: jnp.pad(e, ((0, capacity - e.shape[0]), (0, 0))), out_shardings=sharding)
+        self.emb_NxD, self.chunk = grow(self.emb_NxD), chunk
+
+
+@functools.lru_cache(maxsize=16)
+def row_programs(mesh: Mesh, axes: tuple[str, ...] = (AXIS,)):
+    """``(set_rows, get_rows)`` for a corpus split over ``axes`` of ``mesh``: ``set_rows(corpus, rows [M],
+    values [M, D]) -> corpus`` (donated; each device writes the rows it holds, row -1 is none) and
+    ``get_rows(corpus, rows [M]) -> [M, D]`` float32, replicated (each device gives its rows, a ``psum``
+    adds the zeros of the others)."""
+    spec = P(axes, None)
+
+    def local_rows(emb_RxD, rows_M):
+        held = emb_RxD.shape[0]
+        local_M = rows_M - lax.axis_index(axes) * held
+        return local_M, (rows_M >= 0) & (local_M >= 0) & (local_M < held)
+
+    def set_local(emb_RxD, rows_M, values_MxD):
+        local_M, mine_M = local_rows(emb_RxD, rows_M)
+        local_M = jnp.where(mine_M, local_M, emb_RxD.shape[0])  # out of bounds: dropped
+        return emb_RxD.at[local_M].set(values_MxD.astype(emb_RxD.dtype), mode="drop")
+
+    def get_local(emb_RxD, rows_M):
+        local_M, mine_M = local_rows(emb_RxD, rows_M)
+        values_MxD = emb_RxD[jnp.clip(local_M, 0, emb_RxD.shape[0] - 1)].astype(jnp.float32)
+        return lax.psum(jnp.where(mine_M[:, None], values_MxD, 0.0), axes)
+
+    set_rows = jax.jit(jax.shard_map(set_local, mesh=mesh, in_specs=(spec, P(), P()), out_specs=spec), donate_argnums=0)
+    get_rows = jax.jit(jax.shard_map(get_local, mesh=mesh, in_specs=(spec, P()), out_specs=P()))
+    return set_rows, get_rows

@@ -7,6 +7,11 @@ back by its offset before ``merge_topk``. Each shard is saved in its own subfold
 processes or hosts; their partial results are then combined with the pure function
 ``index.merge_topk``. A ScaNN shard trains its tree and AH codebooks on a sample of its own rows
 (ScaNN cannot share a trained tree between searchers; see ``scann_index``).
+
+Live updates: ``upsert`` sends each row to the shard that holds it and new rows to the last shard;
+``delete`` deletes within each shard (``base.delete_layout`` per shard), so the returned layout is the
+shards' layouts one after the other and the offsets shift by the rows deleted before them.
+``ProcessShardedIndex`` has no updates: update the saved ``ShardedIndex`` and load it again.
 """
 
 from __future__ import annotations
@@ -14,12 +19,20 @@ from __future__ import annotations
 import os
 from typing import Sized
 
-import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from rag_jax.retrieval.embed import load_embeddings
-from rag_jax.retrieval.index.base import check_build_inputs, check_queries, merge_topk, read_meta, write_meta
+from rag_jax.retrieval.index.base import (
+    check_build_inputs,
+    check_delete_rows,
+    check_queries,
+    check_upsert,
+    merge_topk,
+    read_meta,
+    write_meta,
+)
+from rag_jax.retrieval.index.collective import gather_queries
 from rag_jax.retrieval.index.exact import ExactIndex
 from rag_jax.retrieval.index.scann import ScannIndex
 
@@ -52,6 +65,29 @@ class ShardedIndex:
             ids, scores = shard.search(q, min(k, shard.size), **kwargs)
             partial.append((ids + offset, scores))
         return merge_topk(partial, k)
+
+    def upsert(self, rows, vectors, **kwargs) -> None:
+        """Replace rows below ``size`` and append rows ``size, size + 1, ...`` (``base.check_upsert``):
+        each row in the shard that holds it, new rows in the last shard; ``kwargs`` go to the shards."""
+        rows, vectors, _ = check_upsert(self.size, self.dim, rows, vectors)
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1  # rows past the end: the last shard
+        for s, (shard, offset) in enumerate(zip(self.shards, self.offsets)):
+            if (shard_of == s).any():
+                shard.upsert(rows[shard_of == s] - offset, vectors[shard_of == s], **kwargs)
+        self._retile()
+
+    def delete(self, rows) -> np.ndarray:
+        """Remove ``rows``, each shard its own; returns ``source``, the old row now at each row."""
+        rows = check_delete_rows(self.size, rows)
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        source = np.concatenate([shard.delete(rows[shard_of == s] - offset) + offset
+                                 for s, (shard, offset) in enumerate(zip(self.shards, self.offsets))])  # fmt: skip
+        self._retile()
+        return source
+
+    def _retile(self) -> None:
+        self.offsets = np.cumsum([0] + [s.size for s in self.shards[:-1]]).tolist()
+        self.size = sum(s.size for s in self.shards)
 
     def save(self, directory: str) -> None:
         for s, shard in enumerate(self.shards):
@@ -91,12 +127,7 @@ class ProcessShardedIndex:
         return cls(shards, [meta["offsets"][s] for s in mine], meta["shard_kind"], meta["size"], meta["dim"])
 
     def search(self, queries: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-        q = check_queries(queries, self.dim, self.size, k)
-        counts = multihost_utils.process_allgather(np.array([q.shape[0]], np.int64)).reshape(-1)
-        width, me = int(counts.max()), jax.process_index()
-        padded = np.zeros((width, self.dim), np.float32)
-        padded[: q.shape[0]] = q
-        every_q = multihost_utils.process_allgather(padded).reshape(-1, self.dim)  # [P * width, D]
+        every_q, own = gather_queries(check_queries(queries, self.dim, self.size, k))  # [P * width, D]
         missing = (np.full((len(every_q), k), -1, np.int64), np.full((len(every_q), k), -np.inf, np.float32))
         partial = [missing]  # fewer than k rows here: the other processes' candidates fill the top-k
         for shard, offset in zip(self.shards, self.offsets):
@@ -106,8 +137,7 @@ class ProcessShardedIndex:
         every_ids = multihost_utils.process_allgather(local_ids)  # [P, P * width, k]
         every_scores = multihost_utils.process_allgather(local_scores)
         ids, scores = merge_topk(list(zip(every_ids, every_scores)), k)
-        rows = slice(me * width, me * width + q.shape[0])
-        return ids[rows], scores[rows]
+        return ids[own], scores[own]
 
 
 def build_sharded(embeddings, num_shards: int, *, kind: str = "scann", passages: Sized | None = None, **build_kwargs) -> ShardedIndex:
