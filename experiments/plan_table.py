@@ -7,7 +7,9 @@ interrupted run resumes where it stopped.
 
 Rows: the paper's training steps (nq-token k = 5, nq-sequence k = 10, batch 128, bfloat16, FSDP over
 all devices, remat), test-time decoding (RAG-Sequence thorough k = 50 over 8 questions, RAG-Token beam 4
-k = 15 over 32 questions, 25 tokens), and ExactIndex search over 21,015,300 x 768 bfloat16 passages (1024 queries).
+k = 15 over 32 questions, 25 tokens), ExactIndex search over 21,015,300 x 768 bfloat16 passages (1024 queries),
+and the nq-token step retrieving from those passages inside the step (``corpus.retriever=device``: their
+embeddings in bfloat16 and their 298 context tokens each, split over the devices).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ ROWS = (  # label, config arg, program, overrides
     ("RAG-Sequence thorough decode (k=50, 8 questions)", "nq-sequence", "decode_sequence", ("eval.k=50", "eval.batch_size=8")),
     ("RAG-Token beam 4 decode (k=15)", "nq-token", "decode_token", ("eval.k=15", "eval.num_beams=4")),
     ("ExactIndex 21M x 768 bf16 (1024 queries)", "nq-token", "exact_search", ()),
+    ("nq-token train step, retrieval inside it (21M x 768 bf16 + tokens on the devices)", "nq-token", "train_step",
+     ("corpus.retriever=device", "corpus.device_dtype=bfloat16")),
 )
 COLUMNS = {  # label -> topology, per-target overrides (on 256 chips: the batch of 128 over fsdp 128 x model 2,
     # one question per chip when decoding)

@@ -40,7 +40,7 @@ from rag_jax.models.remat import REMAT_POLICIES
 from rag_jax.rag import objective
 
 VARIANTS = ("token", "sequence", "closed_book")
-RETRIEVERS = ("dense", "bm25")
+RETRIEVERS = ("dense", "device", "bm25")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 DOC_ENCODER_MODES = ("frozen", "trained")
 INDEX_REFRESHES = ("none", "full", "rerank")
@@ -69,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
         index="",  # `rag-jax build-index` output directory
         retriever="dense",  # dense (q . d over the index) | bm25 (built in memory from the passages; the
         # question encoder is frozen and the BM25 scores are the retrieval logits)
+        # | device (exact q . d inside the jitted step, the embeddings and the passages' tokens split over the mesh's
+        # devices: rag_jax.retrieval.device; needs passages and embeddings, no index)
+        device_dtype="float32",  # device: the embeddings' storage on the devices, float32 | bfloat16 (half the memory)
     )
     c.model = dict(
         rag="",  # a transformers RAG folder; or the two parts below
@@ -114,7 +117,10 @@ def default_config() -> ml_collections.ConfigDict:
         # (rag_jax.models.remat); True / False, from configs written when it was a flag, mean full / none
         remat=ml_collections.FieldReference("none", field_type=object),
         grad_accum_steps=1,
-        retrieval_refresh_every=1,  # steps between refreshes of the question encoder used for retrieval
+        # steps between refreshes of the question encoder host retrieval uses (its next R steps are retrieved in the
+        # background with it). 16: the paper's step on v5e-8 waits <= ~5% for host retrieval (experiments/RESULTS.md,
+        # "Host retrieval against the train step"); 1: the current encoder, retrieval serial with every step
+        retrieval_refresh_every=16,
         # end-to-end retriever training (rag_jax.training.reindex): frozen (the paper) | trained (the step re-encodes
         # the retrieved passages, so the loss's gradient reaches the document encoder)
         doc_encoder="frozen",
@@ -321,6 +327,7 @@ class TrainConfig:
     skip_nonfinite: bool
     optimizer: OptimizerConfig
     seed: int
+    device_retrieval_k: int | None = None  # corpus.retriever=device: the documents the step retrieves (rag.k); else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,7 +367,12 @@ def _remat_policy(value) -> str:
 
 def dense_rag(config: ml_collections.ConfigDict) -> bool:
     """Whether the run scores documents densely, ``score_scale * q(x) . d(z)`` (not closed-book, not BM25)."""
-    return config.rag.variant != "closed_book" and config.corpus.retriever == "dense"
+    return config.rag.variant != "closed_book" and config.corpus.retriever in ("dense", "device")
+
+
+def device_retrieval(config: ml_collections.ConfigDict) -> bool:
+    """Whether the step retrieves on the devices (``corpus.retriever=device``, not closed-book)."""
+    return config.rag.variant != "closed_book" and config.corpus.retriever == "device"
 
 
 def _check_end_to_end(config: ml_collections.ConfigDict) -> None:
@@ -371,6 +383,9 @@ def _check_end_to_end(config: ml_collections.ConfigDict) -> None:
     if trained and not dense_rag(config):
         raise ConfigError("trained needs dense retrieval (rag.variant token or sequence, corpus.retriever=dense)",
                           what="config.train.doc_encoder")  # fmt: skip
+    if trained and config.corpus.retriever == "device":
+        raise ConfigError("trained re-encodes the retrieved passages on the host's batches: use corpus.retriever=dense "
+                          "(device retrieval scores the stored embeddings)", what="config.train.doc_encoder")  # fmt: skip
     if config.model.share_encoders and not trained:
         raise ConfigError("one encoder for both sides is trained with the question encoder: set "
                           "train.doc_encoder=trained", what="config.model.share_encoders")  # fmt: skip
@@ -397,7 +412,8 @@ def resolve(config: ml_collections.ConfigDict) -> RunSettings:
     for field, choices in (("rag.variant", VARIANTS), ("corpus.retriever", RETRIEVERS), ("train.form", objective.FORMS),
                            ("train.loss_reduction", ("mean", "sum")), ("train.compute_dtype", COMPUTE_DTYPES),
                            ("train.on_nonfinite", ("stop", "skip")), ("eval.answer_match", ("string", "regex")),
-                           ("train.doc_encoder", DOC_ENCODER_MODES), ("train.index_refresh", INDEX_REFRESHES)):  # fmt: skip
+                           ("train.doc_encoder", DOC_ENCODER_MODES), ("train.index_refresh", INDEX_REFRESHES),
+                           ("corpus.device_dtype", ("float32", "bfloat16"))):  # fmt: skip
         section, name = field.split(".")
         _check_choice(field, config[section][name], choices)
     t = config.train
@@ -423,7 +439,7 @@ def resolve(config: ml_collections.ConfigDict) -> RunSettings:
         rerank_top_k=config.rag.k if t.index_refresh == "rerank" else None,
         compute_dtype=t.compute_dtype, remat=_remat_policy(t.remat),
         grad_accum_steps=t.grad_accum_steps, skip_nonfinite=t.on_nonfinite == "skip", optimizer=optimizer,
-        seed=config.seed,
+        seed=config.seed, device_retrieval_k=config.rag.k if device_retrieval(config) else None,
     )  # fmt: skip
     rag = RagConfig(n_docs=config.rag.k, max_combined_length=config.rag.max_combined_length,
                     prefix=config.rag.prefix or None)  # fmt: skip

@@ -3,7 +3,9 @@ weights loaded, no data read): each is a jitted function and its arguments as ``
 with their shardings over the target's devices, ready for ``.trace(*args).lower().compile()``.
 
 * ``train_step``: ``Trainer.jitted_step`` with the config's mesh, remat, accumulation, compute dtype,
-  batch, k and lengths (a dense-retrieval batch, or closed-book);
+  batch, k and lengths (a dense-retrieval batch, or closed-book; with ``corpus.retriever=device``, the
+  questions alone and a ``corpus_size`` x D corpus with its passages' tokens split over all devices,
+  retrieved from inside the step: ``rag_jax.retrieval.device``);
 * ``decode_token`` / ``decode_sequence``: RAG-Token search and RAG-Sequence thorough decoding at the
   config's test-time k, beams and length over ``eval.batch_size`` questions, the batch split over all
   devices and the (float32, as evaluation loads them) generator weights replicated;
@@ -24,7 +26,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rag_jax.config import dense_rag, resolve
+from rag_jax.config import dense_rag, device_retrieval, resolve
 from rag_jax.errors import ConfigError
 from rag_jax.models import attention, bert
 from rag_jax.models.bart import Bart
@@ -33,10 +35,11 @@ from rag_jax.models.generator import Generator
 from rag_jax.planning import flops
 from rag_jax.planning.architectures import model_architectures
 from rag_jax.planning.targets import Target
-from rag_jax.rag.batches import DenseRagBatch, Seq2SeqBatch
+from rag_jax.rag.batches import DenseRagBatch, QuestionsRagBatch, Seq2SeqBatch
 from rag_jax.rag.decoding import rag_sequence_search, rag_token_search
 from rag_jax.rag.model import RagModel
-from rag_jax.retrieval.index.exact import abstract_search
+from rag_jax.retrieval import device
+from rag_jax.retrieval.index.exact import abstract_search, corpus_layout
 from rag_jax.training import sharding
 from rag_jax.training.step import Trainer
 
@@ -77,13 +80,28 @@ def _struct(shape, dtype, sharding_) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding_)
 
 
-def train_step(config: ml_collections.ConfigDict, target: Target, model: RagModel) -> Program:
+def _device_corpus(config, mesh, model: RagModel, corpus_size: int) -> tuple[device.CorpusLayout, device.CorpusArrays]:
+    """The layout and abstract arrays of a ``corpus_size``-passage corpus on ``mesh`` (BART's special tokens)."""
+    gen = model.generator.config
+    template = device.ContextTemplate(config.rag.max_combined_length, (gen.bos_token_id,), (gen.eos_token_id,),
+                                      gen.pad_token_id)  # fmt: skip
+    chunk, rows_per_device = corpus_layout(corpus_size, mesh.size, 32768)
+    layout = device.CorpusLayout(mesh, corpus_size, chunk, template)
+    dtype = jnp.bfloat16 if config.corpus.device_dtype == "bfloat16" else jnp.float32
+    return layout, device.abstract_arrays(layout, rows_per_device, model.question_encoder.dim, gen.vocab_size,
+                                          dtype)  # fmt: skip
+
+
+def train_step(config: ml_collections.ConfigDict, target: Target, model: RagModel, *,
+               corpus_size: int = PAPER_CORPUS_SIZE, **_) -> Program:  # fmt: skip
     if config.rag.variant != "closed_book" and not dense_rag(config):
-        raise ConfigError("planning covers dense retrieval and closed-book runs; set it to dense",
+        raise ConfigError("planning covers dense retrieval (host or device) and closed-book runs; set it to dense",
                           what="config.corpus.retriever")  # fmt: skip
     settings = resolve(config)
     mesh = sharding.make_mesh(settings.mesh, devices=target.devices)
-    trainer = Trainer(model, settings.train, mesh)
+    on_device = device_retrieval(config)
+    layout, corpus = _device_corpus(config, mesh, model, corpus_size) if on_device else (None, None)
+    trainer = Trainer(model, settings.train, mesh, corpus_layout=layout)
     state = trainer.abstract_state()
     d, b, k = config.data, config.train.batch_size, config.rag.k
     q, s, t = d.max_question_length, config.rag.max_combined_length, d.max_target_length
@@ -91,6 +109,9 @@ def train_step(config: ml_collections.ConfigDict, target: Target, model: RagMode
     if closed_book:
         shapes = Seq2SeqBatch((b, d.max_source_length), (b, d.max_source_length), (b, t))
         batch_type = Seq2SeqBatch
+    elif on_device:
+        shapes = QuestionsRagBatch((b, q), (b, q), (b, layout.template.content_length), (b,), (b, t))
+        batch_type = QuestionsRagBatch
     else:
         dim = model.question_encoder.dim
         shapes = DenseRagBatch((b, q), (b, q), (b, k, dim), (b, k, s), (b, k, s), (b, t))
@@ -106,11 +127,16 @@ def train_step(config: ml_collections.ConfigDict, target: Target, model: RagMode
                                            target=t, dense=False)  # fmt: skip
     else:
         model_flops = flops.rag_train_step(bert_cfg, bart_cfg, batch=b, k=k, question=q, source=s, target=t)
+    settings_ = dict(batch=b, k=k, remat=settings.train.remat, grad_accum_steps=settings.train.grad_accum_steps,
+                     compute_dtype=settings.train.compute_dtype)  # fmt: skip
+    args = (state, batch)
+    if on_device:  # the search's products (the retrieval's question-encoder pass is counted by the trace only)
+        model_flops += 2.0 * b * corpus_size * model.question_encoder.dim
+        args += (corpus,)
+        settings_.update(retriever="device", corpus_size=corpus_size, corpus_dtype=config.corpus.device_dtype)
     mesh_shape = {axis: int(n) for axis, n in mesh.shape.items()}
-    return Program("train_step", trainer.jitted_step(state, batch), (state, batch), model_flops,
-                   settings=dict(mesh=mesh_shape, batch=b, k=k, remat=settings.train.remat,
-                                 grad_accum_steps=settings.train.grad_accum_steps,
-                                 compute_dtype=settings.train.compute_dtype))  # fmt: skip
+    return Program("train_step", trainer.jitted_step(state, batch), args, model_flops,
+                   settings=dict(mesh=mesh_shape, **settings_))
 
 
 def _decode_inputs(config, target: Target, model: RagModel):
@@ -161,7 +187,7 @@ def exact_search(config: ml_collections.ConfigDict, target: Target, model: RagMo
 
 def build(name: str, config, target: Target, model: RagModel, **options: Any) -> Program:
     if name == "train_step":
-        return train_step(config, target, model)
+        return train_step(config, target, model, **options)
     if name in ("decode_token", "decode_sequence"):
         return decode(config, target, model, name.removeprefix("decode_"))
     if name == "exact_search":

@@ -8,12 +8,16 @@
   the loss encodes them with the trained document encoder, ``doc_scores = q(x) . d(z)``, so its
   gradient reaches both encoders. With a rerank (``TrainConfig.rerank_top_k``) the K axis holds the
   candidates, of which the loss keeps the top ``rerank_top_k`` by the current encoders' scores.
+* ``QuestionsRagBatch``: retrieval inside the step (``corpus.retriever=device``): the questions, the
+  generator tokens of their part of the contexts (``doc_sep + question``) and the labels; the step
+  retrieves and joins the contexts on the devices (``rag_jax.retrieval.device``), which makes it a
+  ``DenseRagBatch``.
 * ``FixedScoreRagBatch``: documents with fixed scores (a lexical retriever such as BM25, or
   transformers' ``doc_scores`` argument); the question encoder gets no gradient.
 * ``Seq2SeqBatch``: the closed-book baseline (k = 0): the question alone is the generator's input.
 
 Every field's name ends with its shape (B examples, Q question tokens, K documents, D embedding
-dims, S input tokens, P document-encoder tokens, T label tokens); the leading axis is always the batch, so shardings and
+dims, S input tokens, P document-encoder tokens, M question-part tokens, T label tokens); the leading axis is always the batch, so shardings and
 micro-batch splits are tree maps over a batch. The type is part of the pytree structure, so a
 jitted function that dispatches on it with ``isinstance`` traces one program per kind. Attention masks
 are right-padded (every token before every pad; a host mask that is not is a ``ValueError`` naming the
@@ -64,6 +68,16 @@ class DocTokensRagBatch(_RightPadded):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class QuestionsRagBatch(_RightPadded):
+    question_input_ids_BxQ: ArrayLike
+    question_attention_mask_BxQ: ArrayLike
+    question_part_ids_BxM: ArrayLike
+    question_part_lengths_B: ArrayLike
+    labels_BxT: ArrayLike
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class FixedScoreRagBatch(_RightPadded):
     doc_scores_BxK: ArrayLike
     context_input_ids_BxKxS: ArrayLike
@@ -79,5 +93,5 @@ class Seq2SeqBatch(_RightPadded):
     labels_BxT: ArrayLike
 
 
-RagBatch = DenseRagBatch | DocTokensRagBatch | FixedScoreRagBatch
-Batch = DenseRagBatch | DocTokensRagBatch | FixedScoreRagBatch | Seq2SeqBatch
+RagBatch = DenseRagBatch | DocTokensRagBatch | QuestionsRagBatch | FixedScoreRagBatch
+Batch = DenseRagBatch | DocTokensRagBatch | QuestionsRagBatch | FixedScoreRagBatch | Seq2SeqBatch

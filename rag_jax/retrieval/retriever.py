@@ -203,6 +203,10 @@ class Retriever:
         width = ((0, 0), (0, length - ids.shape[1]))
         return np.pad(ids, width, constant_values=pad_id).astype(np.int32), np.pad(mask, width).astype(np.int32)
 
+    def question_strings(self, ids_BxSq: np.ndarray) -> list[str]:
+        """The questions as the contexts quote them: their token ids decoded (an uncased encoder's are lower case)."""
+        return self.question_tokenizer.decode(ids_BxSq.tolist(), skip_special_tokens=True)
+
     def encode_questions(self, ids_BxSq: np.ndarray, mask_BxSq: np.ndarray, params=None) -> np.ndarray:
         """Query vectors ``[B, D]`` float32 with the encoder's parameters, or ``params`` (same
         structure, e.g. a training state's current ones). The rows are padded to a power of two by
@@ -228,7 +232,7 @@ class Retriever:
         ``RagModel``'s ``score_scale``; a lexical index's scores are kept as they are)."""
         k = self.k if k is None else k
         ids_BxSq, mask_BxSq = self.tokenize_questions(questions, question_attention_mask)
-        question_strings = self.question_tokenizer.decode(ids_BxSq.tolist(), skip_special_tokens=True)
+        question_strings = self.question_strings(ids_BxSq)
         if self.lexical:
             q_BxD = doc_emb_BxKxD = None
             doc_ids_BxK, doc_scores_BxK = self.index.search_text(question_strings, k)

@@ -1,12 +1,14 @@
 """Step batches from QA examples: closed-book (the question alone) and RAG (retrieved contexts; with a
-trained document encoder, the retrieved passages' tokens for it)."""
+trained document encoder, the retrieved passages' tokens for it) and RAG retrieving inside the step
+(the questions alone)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from rag_jax.data import qa as data
-from rag_jax.rag.batches import DocTokensRagBatch, RagBatch, Seq2SeqBatch
+from rag_jax.rag.batches import DocTokensRagBatch, QuestionsRagBatch, RagBatch, Seq2SeqBatch
+from rag_jax.retrieval import device
 
 
 def label_ids(generator_tokenizer, examples: list[data.QAExample], max_length: int) -> np.ndarray:
@@ -41,3 +43,15 @@ def rag_batch(cfg, retriever, generator_tokenizer, examples: list[data.QAExample
         context_input_ids_BxKxS=retrieved.context_input_ids_BxKxS,
         context_attention_mask_BxKxS=retrieved.context_attention_mask_BxKxS, labels_BxT=labels_BxT.astype(np.int32),
     ), distinct  # fmt: skip
+
+
+def questions_batch(cfg, retriever, generator_tokenizer, examples: list[data.QAExample]) -> QuestionsRagBatch:
+    """The step's batch when it retrieves on the devices (``corpus.retriever=device``): the questions as
+    ``retriever`` tokenizes them, the generator tokens of their part of the contexts, the labels."""
+    ids_BxQ, mask_BxQ = retriever.tokenize_questions([ex.question for ex in examples])
+    part_ids_BxM, part_lengths_B = device.question_tokens(generator_tokenizer, retriever.question_strings(ids_BxQ),
+                                                          retriever.context_format)  # fmt: skip
+    labels_BxT = label_ids(generator_tokenizer, examples, cfg.data.max_target_length).astype(np.int32)
+    return QuestionsRagBatch(question_input_ids_BxQ=ids_BxQ, question_attention_mask_BxQ=mask_BxQ,
+                             question_part_ids_BxM=part_ids_BxM, question_part_lengths_B=part_lengths_B,
+                             labels_BxT=labels_BxT)  # fmt: skip

@@ -24,9 +24,11 @@ from rag_jax.models.encoder import Encoder
 from rag_jax.rag.model import RagModel, automatic_score_scale
 from rag_jax.retrieval import (
     BM25Index,
+    ExactIndex,
     Passage,
     PassageStore,
     Retriever,
+    device,
     hf_tokenize_fn,
     load_embeddings,
     load_index,
@@ -139,15 +141,17 @@ def tokenizers(cfg: ml_collections.ConfigDict):
     return AutoTokenizer.from_pretrained(_question_tokenizer_folder(cfg)), AutoTokenizer.from_pretrained(generator_folder)
 
 
-def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenizer, *, k: int):
-
+def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenizer, *, k: int, mesh=None):
+    """The run's ``Retriever``. With ``corpus.retriever=device`` its index is an ``ExactIndex`` over the
+    embeddings on ``mesh`` (default: all devices; the training mesh, for ``device_corpus``)."""
     c = cfg.corpus
-    fields = ("passages",) if c.retriever == "bm25" else ("passages", "embeddings", "index")
+    fields = {"bm25": ("passages",), "device": ("passages", "embeddings")}.get(c.retriever,
+                                                                            ("passages", "embeddings", "index"))  # fmt: skip
     for field in fields:
         if not c[field]:
             raise ConfigError(
                 "is empty: RAG needs a passage file, its embeddings (`rag-jax embed`) and an index "
-                "(`rag-jax build-index`)", what=f"config.corpus.{field}",
+                "(`rag-jax build-index`; not for corpus.retriever=device)", what=f"config.corpus.{field}",
             )  # fmt: skip
     with named_by("config.corpus.passages"):
         store = PassageStore.open(c.passages)
@@ -156,8 +160,10 @@ def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenize
     else:
         with named_by("config.corpus.embeddings"):
             embeddings = load_embeddings(c.embeddings, store=store)
-        # a multi-host run splits a sharded index over its processes (each holds its shards only)
-        index = load_index(c.index, processes=(jax.process_index(), jax.process_count()) if jax.process_count() > 1 else None)
+        if c.retriever == "device":  # the embeddings on the devices, searched exactly
+            index = ExactIndex.build(embeddings, dtype=c.device_dtype, mesh=mesh)
+        else:  # a multi-host run splits a sharded index over its processes (each holds its shards only)
+            index = load_index(c.index, processes=(jax.process_index(), jax.process_count()) if jax.process_count() > 1 else None)
     return Retriever(
         question_encoder=model.question_encoder,
         question_tokenizer=question_tokenizer,
@@ -170,6 +176,15 @@ def build_retriever(cfg, model: RagModel, question_tokenizer, generator_tokenize
         max_combined_length=cfg.rag.max_combined_length,
         prefix=cfg.rag.prefix or None,
     )
+
+
+def device_corpus(cfg, retriever: Retriever, *, progress: bool = True) -> device.DeviceCorpus:
+    """The corpus for retrieval inside the step (``corpus.retriever=device``): ``retriever``'s index (an
+    ``ExactIndex`` on the training mesh, ``build_retriever(mesh=)``) and its passages, pre-tokenized."""
+    rows = device.PassageTokens(retriever.store, retriever.generator_tokenizer, retriever.context_format,
+                                progress=progress)  # fmt: skip
+    template = device.ContextTemplate.of(retriever.generator_tokenizer, cfg.rag.max_combined_length)
+    return device.DeviceCorpus.of_index(retriever.index, rows, template)
 
 
 def read_split(cfg: ml_collections.ConfigDict, split: str, generator_tokenizer=None) -> list[data.QAExample]:

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from rag_jax.config import dense_rag
 from rag_jax.hf.encoder import save_encoder_hf
 from rag_jax.hf.generator import save_generator_hf
 from rag_jax.hf.rag import save_rag_hf
@@ -68,7 +69,7 @@ def export_run(cfg: ml_collections.ConfigDict, out: str, *, step: int | None = N
     if cfg.corpus.retriever == "bm25":
         notes.append("the run retrieved with BM25, which transformers' RagRetriever (dense MIPS) cannot express: the "
                      "generator is exact; retrieve with rag_jax (corpus.retriever=bm25) to reproduce the run")  # fmt: skip
-    scale = model.score_scale if cfg.corpus.retriever == "dense" else 1.0  # BM25 scores keep their own scale
+    scale = model.score_scale if dense_rag(cfg) else 1.0  # BM25 scores keep their own scale
     if scale != 1.0:
         notes.append(
             f"the run scores documents with {scale:g} * q . d, transformers' RAG with q . d: {out}/embeddings holds the "
@@ -81,7 +82,7 @@ def export_run(cfg: ml_collections.ConfigDict, out: str, *, step: int | None = N
     else:  # the run trained its document encoder: the corpus as that encoder embeds it
         place_corpus(cfg, out, link=link_corpus, names=("passages",))
         notes.append(export_doc_encoder(cfg, model, out, score_scale=scale, progress=progress))
-    if cfg.corpus.retriever == "dense":
+    if dense_rag(cfg):
         notes.append(write_transformers_retrieval(out, progress=progress))
     return step, notes
 

