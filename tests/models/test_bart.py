@@ -367,13 +367,24 @@ def test_remat_wraps_the_scanned_layer_with_its_policy(scanned):
         Bart(_dropout_config(), rngs=nnx.Rngs(0), remat=True)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
-def test_remat_gives_the_same_loss_and_gradients(remat):
-    cfg = BartConfig(**{**TINY, "decoder_layers": 3}, dropout=0.3, attention_dropout=0.2, activation_dropout=0.1)
+REMAT_TEST_CONFIG = BartConfig(**{**TINY, "decoder_layers": 3}, dropout=0.3, attention_dropout=0.2, activation_dropout=0.1)
+
+
+def _remat_loss_and_grads(remat: str):
+    fn, state = _remat_loss(REMAT_TEST_CONFIG, remat)
     with jax.default_matmul_precision("highest"):
-        (loss, grads), (loss_remat, grads_remat) = (
-            jax.jit(jax.value_and_grad(fn))(state) for fn, state in (_remat_loss(cfg, "none"), _remat_loss(cfg, remat))
-        )
+        return jax.jit(jax.value_and_grad(fn))(state)
+
+
+@pytest.fixture(scope="module")
+def without_remat():
+    """The loss and gradients without remat (computed once for the three policies)."""
+    return _remat_loss_and_grads("none")
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_gives_the_same_loss_and_gradients(remat, without_remat):
+    (loss, grads), (loss_remat, grads_remat) = without_remat, _remat_loss_and_grads(remat)
     assert float(loss) == pytest.approx(float(loss_remat), rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
