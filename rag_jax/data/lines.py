@@ -15,6 +15,7 @@ reason``) instead.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import zlib
 from collections.abc import Callable, Iterator
@@ -74,6 +75,16 @@ def decode_line(raw: bytes) -> str:
         return raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
         raise BadLine(f"not UTF-8 ({e})") from None
+
+
+def json_line(line: str):
+    """The JSON value of one line; ``BadLine`` ("bad JSON (...)") when it is not JSON."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadLine(f"bad JSON ({e})") from None
+    except RecursionError:
+        raise BadLine("bad JSON (nested too deeply)") from None
 
 
 def tsv_fields(line: str) -> list[str]:

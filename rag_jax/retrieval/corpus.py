@@ -55,6 +55,7 @@ from rag_jax.data.lines import (
     LineReporter,
     MalformedLineError,
     decode_line,
+    json_line,
     numbered_lines,
     open_input,
     tsv_fields,
@@ -149,12 +150,7 @@ class _TsvParser:
 
 
 def _parse_jsonl(line: str) -> Passage:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadLine(f"bad JSON ({e})") from None
-    except RecursionError:
-        raise BadLine("bad JSON (nested too deeply)") from None
+    obj = json_line(line)
     if not isinstance(obj, dict) or "id" not in obj or "text" not in obj:
         raise BadLine('expected a JSON object with "id" and "text"')
     title = obj.get("title") or ""

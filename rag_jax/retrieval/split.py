@@ -15,13 +15,12 @@ so is a malformed line (``--strict``: the first one stops the job), with its fil
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
 from collections.abc import Iterator
 
-from rag_jax.data.lines import BadLine, LineReporter, decode_line, numbered_lines, open_input
+from rag_jax.data.lines import BadLine, LineReporter, decode_line, json_line, numbered_lines, open_input
 from rag_jax.errors import InputFileError
 from rag_jax.retrieval.corpus import Passage, split_into_passages, write_passages_tsv
 
@@ -36,10 +35,7 @@ def _jsonl_documents(path: str, report: LineReporter) -> Iterator[tuple[int, str
                 line = decode_line(raw)
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except (json.JSONDecodeError, RecursionError) as e:
-                    raise BadLine(f"bad JSON ({e})") from None
+                obj = json_line(line)
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                     raise BadLine('expected a JSON object with a string "text"')
                 title = obj.get("title") or ""

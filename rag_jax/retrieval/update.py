@@ -40,14 +40,13 @@ leaves searched, 50% from new clusters cost up to 0.09 at few leaves and 0.008 a
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
 
 import numpy as np
 
-from rag_jax.data.lines import BadLine, MalformedLineError, decode_line, numbered_lines, open_input
+from rag_jax.data.lines import BadLine, MalformedLineError, decode_line, json_line, numbered_lines, open_input
 from rag_jax.errors import InputFileError
 from rag_jax.retrieval.corpus import Passage, PassageStore, stored_passage, write_corpus_rows
 from rag_jax.retrieval.embed import (
@@ -99,12 +98,7 @@ class UpdatedCorpus:
 
 
 def _parse_update(line: str) -> tuple[str, Passage]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadLine(f"bad JSON ({e})") from None
-    except RecursionError:
-        raise BadLine("bad JSON (nested too deeply)") from None
+    obj = json_line(line)
     if not isinstance(obj, dict):
         raise BadLine('expected a JSON object such as {"op": "add", "id": "...", "title": "...", "text": "..."}')
     op = obj.get("op")
