@@ -114,41 +114,37 @@ def token_dtype(vocab_size: int):
 
 @dataclasses.dataclass
 class PassageTokens:
-    """Rows of the passages' context parts, pre-tokenized on demand (``(start, stop) -> (ids [n, L], lengths
-    [n])``, L the template's content length, ``token_dtype`` ids): what ``DeviceCorpus.of_index`` asks
-    for this process's rows. Passages whose tokens may differ from the host path's are counted
-    (``inexact``, reported by ``report``)."""
+    """The passages' context parts, pre-tokenized on demand: called with row ranges ``[(start, stop), ...]``
+    (this process's rows, by ``DeviceCorpus.of_index``), returns ``(ids [n, L], lengths [n])`` for each, L
+    the template's content length, ``token_dtype`` ids, under one progress bar. Passages whose tokens may
+    differ from the host path's are counted and reported (a warning)."""
 
     store: object
     tokenizer: object
     fmt: ContextFormat
     progress: bool = True
-    inexact: int = 0
-    seen: int = 0
 
     def __post_init__(self):
         self.width = ContextTemplate.of(self.tokenizer, self.fmt.max_length).content_length
         self.dtype = token_dtype(len(self.tokenizer))
 
-    def __call__(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        blocks = []
-        with tqdm(total=stop - start, unit=" passages", unit_scale=True, desc="tokenizing passages",
+    def __call__(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        out, inexact, total = [], 0, sum(stop - start for start, stop in ranges)
+        with tqdm(total=total, unit=" passages", unit_scale=True, desc="tokenizing passages",
                   disable=not self.progress) as bar:  # fmt: skip
-            for at in range(start, stop, TOKENIZE_BATCH):
-                parts = [_passage_part(p, self.fmt) for p in self.store.slice(at, min(at + TOKENIZE_BATCH, stop))]
-                self.inexact += sum(not exact for _, exact in parts)
-                blocks.append(_tokens(self.tokenizer, [part for part, _ in parts], self.width, self.dtype))
-                bar.update(len(parts))
-        self.seen += stop - start
-        if not blocks:
-            return np.zeros((0, self.width), self.dtype), np.zeros(0, np.int32)
-        return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
-
-    def report(self) -> None:
-        if self.inexact:
+            for start, stop in ranges:
+                blocks = [(np.zeros((0, self.width), self.dtype), np.zeros(0, np.int32))]
+                for at in range(start, stop, TOKENIZE_BATCH):
+                    parts = [_passage_part(p, self.fmt) for p in self.store.slice(at, min(at + TOKENIZE_BATCH, stop))]
+                    inexact += sum(not exact for _, exact in parts)
+                    blocks.append(_tokens(self.tokenizer, [part for part, _ in parts], self.width, self.dtype))
+                    bar.update(len(parts))
+                out.append((np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])))
+        if inexact:
             log.warning("%d of %d passages end their title / text in whitespace other than one space: on device "
                         "their contexts may differ from the host's at the join (the reference's \"  \" -> \" \" "
-                        "crosses it)", self.inexact, self.seen)  # fmt: skip
+                        "crosses it)", inexact, total)  # fmt: skip
+        return out
 
 
 def question_tokens(generator_tokenizer, questions: Sequence[str], fmt: ContextFormat) -> tuple[np.ndarray, np.ndarray]:
@@ -227,25 +223,21 @@ class DeviceCorpus:
     def build(cls, embeddings, passage_rows, mesh: Mesh, template: ContextTemplate, *,
               dtype: str = "float32") -> "DeviceCorpus":  # fmt: skip
         """Place ``embeddings [N, D]`` (any row-sliceable array) and the passages' tokens (``passage_rows``:
-        ``(start, stop) -> (ids, lengths)``, e.g. ``PassageTokens``) on ``mesh``."""
+        ``[(start, stop), ...] -> [(ids, lengths), ...]``, e.g. ``PassageTokens``) on ``mesh``."""
         return cls.of_index(ExactIndex.build(embeddings, dtype=dtype, mesh=mesh), passage_rows, template)
 
     @classmethod
     def of_index(cls, index: ExactIndex, passage_rows, template: ContextTemplate) -> "DeviceCorpus":
         """The corpus over ``index``'s embeddings (an ``ExactIndex`` built on a mesh) and the passages'
-        tokens, asked of ``passage_rows`` for this process's rows only (each once)."""
+        tokens, asked of ``passage_rows`` for this process's row ranges only (one call, each range once)."""
         padded_rows, n = index.emb_NxD.shape[0], index.size
         layout = CorpusLayout(index.mesh, n, index.chunk, template)
         shardings = layout.shardings()
+        ranges = sorted({shard.index[0].indices(padded_rows)[:2] for shard in index.emb_NxD.addressable_shards})
         blocks = {}
-        for shard in sorted(index.emb_NxD.addressable_shards, key=lambda sh: sh.index[0].indices(padded_rows)):
-            start, stop, _ = shard.index[0].indices(padded_rows)
-            if (start, stop) not in blocks:
-                ids, lengths = passage_rows(min(start, n), min(stop, n))
-                pad = stop - start - len(ids)
-                blocks[start, stop] = (np.pad(ids, ((0, pad), (0, 0))), np.pad(lengths, (0, pad)))
-        if isinstance(passage_rows, PassageTokens):
-            passage_rows.report()
+        for (start, stop), (ids, lengths) in zip(ranges, passage_rows([(min(a, n), min(b, n)) for a, b in ranges])):
+            pad = stop - start - len(ids)
+            blocks[start, stop] = (np.pad(ids, ((0, pad), (0, 0))), np.pad(lengths, (0, pad)))
 
         def placed(part: int, sharding: NamedSharding) -> jax.Array:
             example = next(iter(blocks.values()))[part]

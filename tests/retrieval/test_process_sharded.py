@@ -85,9 +85,9 @@ DEVICE_SNIPPET = textwrap.dedent("""
     mesh = make_mesh(MeshConfig(data=-1, fsdp=1, model=1))  # 4 devices, 2 in each process
     tokens = np.repeat(np.arange(len(embeddings), dtype=np.int32)[:, None], 3, axis=1)  # row r's tokens: r, r, r
     asked = []
-    def rows(start, stop):  # each process is asked for the rows its devices hold
-        asked.append((start, stop))
-        return tokens[start:stop], np.full(stop - start, 3, np.int32)
+    def rows(ranges):  # each process is asked for the rows its devices hold
+        asked.extend(ranges)
+        return [(tokens[a:b], np.full(b - a, 3, np.int32)) for a, b in ranges]
     corpus = device.DeviceCorpus.build(embeddings, rows, mesh, device.ContextTemplate(8, (0,), (2,), 1))
     ids, _ = corpus.index.search(queries[{rows}], {k})  # each process its own queries
     q = jax.make_array_from_callback(queries.shape, NamedSharding(mesh, P()), lambda at: queries[at])
