@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from rag_jax.retrieval.context import ContextFormat
 from rag_jax.retrieval.corpus import Passage
-from rag_jax.retrieval.index.exact import ExactIndex, local_topk
+from rag_jax.retrieval.index.exact import ExactIndex, held_rows, local_topk, merge_device_topk
 
 log = logging.getLogger(__name__)
 
@@ -274,22 +274,15 @@ class DeviceRetrieved:
 def _retrieve_local(q_QxD, emb_RxD, ids_RxL, lengths_R, *, k: int, chunk: int, size: int, axes: tuple[str, ...]):
     """One device's share of ``retrieve``: its top-k, the global merge, its rows of the winners."""
     s_1xQxK, i_1xQxK = local_topk(q_QxD, emb_RxD, k=k, chunk=chunk, n_valid=size, approx_recall=None, axes=axes)
-    s_GxQxK = lax.all_gather(s_1xQxK[0], axes, tiled=False)  # device order = row order
-    i_GxQxK = lax.all_gather(i_1xQxK[0], axes, tiled=False)
-    q = q_QxD.shape[0]
-    s_QxGK = jnp.moveaxis(s_GxQxK, 0, 1).reshape(q, -1)
-    i_QxGK = jnp.moveaxis(i_GxQxK, 0, 1).reshape(q, -1)
-    _, j = lax.top_k(s_QxGK, k)
-    rows_QxK = jnp.take_along_axis(i_QxGK, j, axis=1)
-    local_QxK = rows_QxK - lax.axis_index(axes) * emb_RxD.shape[0]
-    mine_QxK = (local_QxK >= 0) & (local_QxK < emb_RxD.shape[0])
-    at_QxK = jnp.clip(local_QxK, 0, emb_RxD.shape[0] - 1)
+    _, rows_QxK = merge_device_topk(lax.all_gather(s_1xQxK[0], axes), lax.all_gather(i_1xQxK[0], axes), k)
+    rows_M = rows_QxK.reshape(-1)
+    row_ids_R = lax.axis_index(axes) * emb_RxD.shape[0] + jnp.arange(emb_RxD.shape[0], dtype=rows_M.dtype)
 
-    def own(x):  # this device's rows of the winners, zeros elsewhere; summed over the devices
-        mine = mine_QxK.reshape(*mine_QxK.shape, *[1] * (x.ndim - 2))
-        return lax.psum(jnp.where(mine, x, jnp.zeros_like(x)), axes)
+    def read(x, dtype=None):  # the winners' rows of x, [Q, k, ...], replicated
+        return held_rows(x, rows_M, axes, dtype).reshape(*rows_QxK.shape, *x.shape[1:])
 
-    return (own(rows_QxK), own(emb_RxD[at_QxK].astype(jnp.float32)), own(ids_RxL[at_QxK]), own(lengths_R[at_QxK]))
+    # the rows themselves read where they are held: the same values, replicated (all_gather's are per device)
+    return read(row_ids_R), read(emb_RxD, jnp.float32), read(ids_RxL), read(lengths_R)
 
 
 def retrieve(q_BxD: jax.Array, arrays: CorpusArrays, layout: CorpusLayout, k: int) -> DeviceRetrieved:

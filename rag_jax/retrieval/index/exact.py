@@ -69,6 +69,11 @@ def corpus_layout(n: int, num_devices: int, chunk_size: int) -> tuple[int, int]:
     return chunk, chunk * num_chunks
 
 
+def _compiled_size(n: int) -> int:
+    """The power of two (at least 8) that ``n`` rows are padded to: few compiled shapes."""
+    return 1 << max(3, math.ceil(math.log2(max(n, 1))))
+
+
 def local_topk(q_QxD, emb_RxD, *, k: int, chunk: int, n_valid: int, approx_recall: float | None,
                axes: tuple[str, ...] = (AXIS,)):  # fmt: skip
     """One device's top-k over its rows, inside ``shard_map`` with the rows split over ``axes``:
@@ -110,14 +115,32 @@ def search_program(mesh: Mesh, k: int, chunk: int, n_valid: int, approx_recall: 
 
     @jax.jit
     def search(q_QxD, emb_NxD):
-        s_GxQxK, i_GxQxK = per_device(q_QxD, emb_NxD)
-        num_queries = q_QxD.shape[0]
-        s_QxGK = jnp.moveaxis(s_GxQxK, 0, 1).reshape(num_queries, -1)  # device order = row order
-        i_QxGK = jnp.moveaxis(i_GxQxK, 0, 1).reshape(num_queries, -1)
-        s_QxK, j = lax.top_k(s_QxGK, k)
-        return s_QxK, jnp.take_along_axis(i_QxGK, j, axis=1)
+        return merge_device_topk(*per_device(q_QxD, emb_NxD), k)
 
     return search
+
+
+def merge_device_topk(s_GxQxK, i_GxQxK, k: int):
+    """The global top-k ``([Q, k] scores, [Q, k] rows)`` of every device's ``[Q, k]`` candidates, stacked in
+    device order (= row order, so ties go to the lower row)."""
+    num_queries = s_GxQxK.shape[1]
+    s_QxGK = jnp.moveaxis(s_GxQxK, 0, 1).reshape(num_queries, -1)
+    i_QxGK = jnp.moveaxis(i_GxQxK, 0, 1).reshape(num_queries, -1)
+    s_QxK, j = lax.top_k(s_QxGK, k)
+    return s_QxK, jnp.take_along_axis(i_QxGK, j, axis=1)
+
+
+def held_rows(x_RxF, rows_M, axes: tuple[str, ...], dtype=None):
+    """Inside ``shard_map`` with the rows split over ``axes``: ``x``'s rows at the global ``rows_M`` [M],
+    each read on the device that holds it (in ``dtype``), the others adding zeros, summed over the devices
+    (replicated); row -1 (none) gives zeros. No device gathers the corpus."""
+    held = x_RxF.shape[0]
+    local_M = rows_M - lax.axis_index(axes) * held
+    mine_M = (rows_M >= 0) & (local_M >= 0) & (local_M < held)
+    values = x_RxF[jnp.clip(local_M, 0, held - 1)]
+    values = values if dtype is None else values.astype(dtype)
+    mine = mine_M.reshape(*mine_M.shape, *[1] * (values.ndim - 1))
+    return lax.psum(jnp.where(mine, values, jnp.zeros_like(values)), axes)
 
 
 def abstract_search(size: int, dim: int, *, k: int, query_batch: int, dtype: str, devices: Sequence[jax.Device],
@@ -188,7 +211,7 @@ class ExactIndex:
         if not self.emb_NxD.is_fully_addressable:  # a mesh over several processes: every process's queries at once
             q, own = gather_queries(q)
         program = search_program(self.mesh, k, self.chunk, self.size, self.approx_recall, self.axes)
-        block = min(query_batch, 1 << max(3, math.ceil(math.log2(max(len(q), 1)))))
+        block = min(query_batch, _compiled_size(len(q)))
         ids, scores = [], []
         replicated = NamedSharding(self.mesh, P())
         for start in range(0, len(q), block):
@@ -257,7 +280,7 @@ class ExactIndex:
 
     def _padded(self, rows: np.ndarray) -> np.ndarray:
         """Rows padded to a power of two with -1 (no row): few compiled shapes."""
-        out = np.full(1 << max(3, math.ceil(math.log2(max(len(rows), 1)))), -1, np.int32)
+        out = np.full(_compiled_size(len(rows)), -1, np.int32)
         out[: len(rows)] = rows
         return out
 
@@ -292,20 +315,14 @@ def row_programs(mesh: Mesh, axes: tuple[str, ...] = (AXIS,)):
     adds the zeros of the others)."""
     spec = P(axes, None)
 
-    def local_rows(emb_RxD, rows_M):
+    def set_local(emb_RxD, rows_M, values_MxD):
         held = emb_RxD.shape[0]
         local_M = rows_M - lax.axis_index(axes) * held
-        return local_M, (rows_M >= 0) & (local_M >= 0) & (local_M < held)
-
-    def set_local(emb_RxD, rows_M, values_MxD):
-        local_M, mine_M = local_rows(emb_RxD, rows_M)
-        local_M = jnp.where(mine_M, local_M, emb_RxD.shape[0])  # out of bounds: dropped
+        local_M = jnp.where((rows_M >= 0) & (local_M >= 0), local_M, held)  # not held here (>= held too): dropped
         return emb_RxD.at[local_M].set(values_MxD.astype(emb_RxD.dtype), mode="drop")
 
     def get_local(emb_RxD, rows_M):
-        local_M, mine_M = local_rows(emb_RxD, rows_M)
-        values_MxD = emb_RxD[jnp.clip(local_M, 0, emb_RxD.shape[0] - 1)].astype(jnp.float32)
-        return lax.psum(jnp.where(mine_M[:, None], values_MxD, 0.0), axes)
+        return held_rows(emb_RxD, rows_M, axes, jnp.float32)
 
     set_rows = jax.jit(jax.shard_map(set_local, mesh=mesh, in_specs=(spec, P(), P()), out_specs=spec), donate_argnums=0)
     get_rows = jax.jit(jax.shard_map(get_local, mesh=mesh, in_specs=(spec, P()), out_specs=P()))
